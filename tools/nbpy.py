@@ -11,10 +11,20 @@ import sys, jupytext, nbformat
 
 def to_py(nb, py): jupytext.write(jupytext.read(nb), py, fmt='py:percent')
 
+def _old_ids(nb):
+    "Cell ids of an existing notebook by source, so unchanged cells keep their id (and exports stay quiet)"
+    try: old = nbformat.read(nb, as_version=4)
+    except FileNotFoundError: return {}
+    ids = {}
+    for c in old.cells: ids.setdefault(c.source, []).append(c.id)
+    return ids
+
 def to_nb(py, nb):
-    n = jupytext.read(py, fmt='py:percent')
+    n,ids = jupytext.read(py, fmt='py:percent'),_old_ids(nb)
     n.metadata = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
-    for c in n.cells: c.metadata = {}
+    for c in n.cells:
+        c.metadata = {}
+        if ids.get(c.source): c.id = ids[c.source].pop(0)
     nbformat.write(n, nb)
 
 if __name__ == '__main__':
