@@ -15,7 +15,7 @@ import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 __all__ = ['table', 'workspace_info', 'cmd_workspace', 'cmd_datasets_import', 'cmd_datasets_list', 'cmd_datasets_show',
            'cmd_datasets_delete', 'cmd_presets_list', 'cmd_presets_show', 'cmd_presets_save', 'cmd_presets_delete',
            'cmd_models_list', 'cmd_models_search', 'cmd_models_add', 'cmd_models_remove', 'cmd_models_check',
-           'cmd_validate', 'demo_assets', 'demo', 'cmd_demo', 'main']
+           'cmd_validate', 'cmd_train', 'demo_assets', 'demo', 'cmd_demo', 'main']
 
 # %% ../nbs/70_cli.ipynb #8d2b512d
 def _cell(v, width=48):
@@ -169,20 +169,41 @@ def cmd_validate(args, ws):
     else: print(rep)
     return 0 if rep.ok else 1
 
-# %% ../nbs/70_cli.ipynb #5d0358fe
+# %% ../nbs/70_cli.ipynb #4f2fc8e4
+def _summary(ws, job) -> dict:
+    r = job.get('result') or {}
+    return dict(job=job['id'], status=job['status'], step=job['step'], train_loss=r.get('train_loss'),
+                valid_loss=r.get('valid_loss'), seconds=r.get('seconds'), adapter=r.get('adapter'),
+                run_dir=str(ws.run_dir(job['id'])))
+
+def cmd_train(args, ws):
+    from forgenb.run import train
+    job = train(args.spec, ws, name=args.name, progress='off' if args.json else 'auto')
+    _out(args, _summary(ws, job)); return 0
+
+# %% ../nbs/70_cli.ipynb #5c16a991
 def demo_assets(ws:Workspace) -> dict:
     "Make the demo's tiny model folder and `sample` dataset in `ws` (reused when present)"
     from forgenb.test_utils import tiny_model_dir, write_sample_dataset
     from forgenb.data.text import import_text
     from forgenb.presets import DEMO_DATASET
     mdir = tiny_model_dir(ws.root/'models'/'tiny-llama', arch='llama')
-    src = write_sample_dataset(ws.root/'sample_data'/'sample_task.jsonl', fmt='alpaca')
+    # 8192 words: with a few hundred, 2000 steps memorise the words instead of learning to reverse them
+    src = write_sample_dataset(ws.root/'sample_data'/'sample_task.jsonl', fmt='alpaca', n=8192)
     return dict(model=mdir, dataset=import_text(ws, src, name=DEMO_DATASET))
 
 def _say(*a): print(*a, flush=True)
 
-def demo(ws:Workspace):
-    "Run the demo in `ws`: assets, the preset spec, its validation; returns the report"
+def _samples(ws, job_id):
+    "The first and the last sample of each prompt"
+    rows = ws.ledger.samples(job_id)
+    if not rows: return
+    first,last = rows[0]['step'],rows[-1]['step']
+    for r in rows:
+        if r['step'] in (first, last): _say(f"  step {r['step']:>4}  {r['prompt']!r:40} -> {r['output']!r}")
+
+def demo(ws:Workspace, train=True, progress='auto') -> dict:
+    "Run the demo in `ws`: assets, the preset spec, its validation, then training; the job (or the report)"
     from forgenb.presets import spec_from_preset
     from forgenb.config import validate, dump_spec
     from forgenb.data.text import preview
@@ -197,18 +218,33 @@ def demo(ws:Workspace):
     _say('\njob spec (preset tiny-cpu-demo):\n' + dump_spec(spec).rstrip())
     rep = validate(spec, ws=ws)
     _say(f'\nvalidation:\n{rep}')
-    return rep
+    if not train or not rep.ok: return rep
+    from forgenb.run import train as _train
+    _say('\ntraining:')
+    job = _train(spec, ws, progress=progress)
+    loss = ws.ledger.metrics(job['id'], ['train/loss', 'valid/loss'])
+    for k,pts in loss.items(): _say(f'{k:>11}: ' + '  '.join(f'{v:.3f}@{s}' for s,v in pts[::max(1, len(pts)//8)] + pts[-1:]))
+    _say('\nsamples, before and after:'); _samples(ws, job['id'])
+    s = _summary(ws, job)
+    _say(f"\n{s['status']} at step {s['step']} in {s['seconds']} s")
+    _say(f"adapter:     {s['adapter']}   (peft.PeftModel.from_pretrained(base, this folder))")
+    _say(f"checkpoints: {s['run_dir']}/checkpoints\nledger:      {ws.db_path}")
+    return job
 
-def cmd_demo(args, ws): return 0 if demo(ws).ok else 1
+def cmd_demo(args, ws):
+    res = demo(ws)
+    return 0 if isinstance(res, dict) and res['status'] == 'completed' else 1
 
-# %% ../nbs/70_cli.ipynb #a9776482
+# %% ../nbs/70_cli.ipynb #a95cd5bb
 def _parser():
     from forgenb import __version__
     p = argparse.ArgumentParser(prog='forgenb', description='LoRA fine-tuning from Jupyter: the command line.')
     p.add_argument('--version', action='version', version=f'forgenb {__version__}')
     sub = p.add_subparsers(dest='cmd', metavar='COMMAND'); sub.required = True
     _sub(sub, 'workspace', cmd_workspace, 'where the workspace is and what it holds')
-    _sub(sub, 'demo', cmd_demo, 'the embedded default: tiny model, sample data, the tiny-cpu-demo preset')
+    _sub(sub, 'demo', cmd_demo, 'the embedded default: train the tiny-cpu-demo preset on a tiny model and the sample data, on CPU')
+    _sub(sub, 'train', cmd_train, 'train a job spec (YAML or JSON) in the foreground', [
+        (('spec',), dict(help='JOB.yaml')), (('--name',), dict(help="the job's name (default: the spec's)"))])
     _sub(sub, 'validate', cmd_validate, 'check a job spec (YAML or JSON): errors and warnings', [(('spec',), dict(help='JOB.yaml'))])
     g = _group(sub, 'datasets', 'text datasets: import, list, show, delete')
     _sub(g, 'import', cmd_datasets_import, 'import a CSV, JSON, JSONL or Parquet file as an immutable snapshot', [

@@ -14,20 +14,20 @@ from .config import JobSpec, load_spec, deep_merge, expand_dots, check_partial
 __all__ = ['DEMO_MODEL', 'DEMO_DATASET', 'BUILTIN_PRESETS', 'list_presets', 'get_preset', 'spec_from_preset', 'save_preset',
            'delete_preset']
 
-# %% ../nbs/01a_presets.ipynb #820d8110
+# %% ../nbs/01a_presets.ipynb #09fd7ce5
 DEMO_MODEL = '{workspace}/models/tiny-llama'
 DEMO_DATASET = 'sample'
 _SD_TARGETS = ['to_q', 'to_k', 'to_v', 'to_out.0']
 
 BUILTIN_PRESETS = {
-    'tiny-cpu-demo': dict(description='tiny Llama + the sample data, fp32 on CPU, 150 steps (about a minute)', spec=dict(
+    'tiny-cpu-demo': dict(description='tiny Llama + the sample data, fp32 on CPU, 2000 steps (about a minute)', spec=dict(
         kind='llm', model=dict(base=DEMO_MODEL, dtype='fp32'),
-        lora=dict(r=8, alpha=16, dropout=0.0, target_modules='all-linear'),
+        lora=dict(r=16, alpha=64, dropout=0.0, target_modules='all-linear'),
         data=dict(dataset=DEMO_DATASET, max_seq_len=128, val_split=0.1),
-        train=dict(max_steps=150, lr=1e-3, warmup=10, batch_size=8, grad_accum=1, precision='fp32', grad_ckpt=False,
-                   eval_every=50, log_every=5, seed=0),
-        sample=dict(prompts=['Reverse the letters.\nhello', 'Reverse the letters.\nforge'], every=50, max_new_tokens=12, temperature=0.0),
-        checkpoint=dict(every=50, keep_last=2))),
+        train=dict(max_steps=2000, lr=1e-3, scheduler='linear', warmup=50, batch_size=16, grad_accum=1, precision='fp32',
+                   grad_ckpt=False, eval_every=200, log_every=10, seed=0),
+        sample=dict(prompts=['Reverse the letters.\nhello', 'Reverse the letters.\nforge'], every=200, max_new_tokens=12, temperature=0.0),
+        checkpoint=dict(every=500, keep_last=2))),
     'llm-lora-small': dict(description='Qwen2.5-1.5B-Instruct, LoRA r16 on all linear layers, bf16 (16-24 GB GPU)', spec=dict(
         kind='llm', model=dict(base='Qwen/Qwen2.5-1.5B-Instruct'),
         lora=dict(method='lora', r=16, alpha=32, target_modules='all-linear'),

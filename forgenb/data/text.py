@@ -467,7 +467,7 @@ def _conv(rep, i, v, col, rkey, ckey, roles) -> list|None:
         msgs.append({'role': roles[r], 'content': c})
     return _turns(rep, i, msgs, col, rkey) if rep.total == n else None
 
-# %% ../../nbs/03_data.text.ipynb #30bb0f0b
+# %% ../../nbs/03_data.text.ipynb #cbe3e1bc
 def _chat(system, user, assistant) -> dict:
     sys = [{'role': 'system', 'content': system}] if system and system.strip() else []
     return {'messages': sys + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': assistant}]}
@@ -485,7 +485,7 @@ def _row(rep, i, row, fmt, m) -> dict|None:
     if fmt == 'alpaca':
         ins, out = _str(rep, i, row, m['instruction']), _str(rep, i, row, m['output'])
         inp = _str(rep, i, row, m['input'], empty='warn', required=False) if 'input' in m else ''
-        user = None if ins is None or inp is None else ins + (f'\n\n{inp}' if inp.strip() else '')
+        user = None if ins is None or inp is None else ins + (f'\n{inp}' if inp.strip() else '')
     else:
         p, c = ('prompt', 'completion') if fmt == 'prompt_completion' else ('input', 'output')
         user, out = _str(rep, i, row, m[p], empty='warn'), _str(rep, i, row, m[c])
