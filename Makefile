@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test sync nbtest pytest env clean
+.PHONY: demo test sync nbtest pytest env browser clean
 
 $(VENV)/.ok: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,12 +24,17 @@ $(VENV)/.ok: pyproject.toml
 
 env: $(VENV)/.ok
 
+# The browser tests drive Debian's Chromium through the playwright package (never its own browser download).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null || { echo "chromium is needed for the browser tests: apt-get install -y chromium"; exit 1; }
+
 # The main job on the embedded default: built-in sample data, a tiny model built from a config, CPU.
 demo: env
 	FORGENB_HOME=$${FORGENB_HOME:-$(CURDIR)/demo_workspace} $(BIN)/forgenb demo
 
 # The sync check, the notebooks' own tests, then pytest (whose summary line closes the run).
-test: env sync nbtest pytest
+test: env browser sync nbtest pytest
 
 sync: env
 	$(BIN)/nbdev-clean

@@ -16,9 +16,9 @@ from .core import InputError, atomic_write, sha256_bytes
 from .catalog import GiB, model_info, closest_model, estimate_memory, available_memory, linear_layers
 
 # %% auto #0
-__all__ = ['CHECKS', 'ModelCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'SampleCfg', 'CheckpointCfg', 'ExportCfg', 'JobSpec',
-           'Problem', 'problems_from', 'spec_error', 'load_spec', 'deep_merge', 'expand_dots', 'check_partial',
-           'dump_spec', 'spec_schema', 'spec_hash', 'env_facts', 'Report', 'validate']
+__all__ = ['CHECKS', 'ModelCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'SampleCfg', 'CheckpointCfg', 'DiffusionCfg', 'DistributedCfg',
+           'ExportCfg', 'JobSpec', 'Problem', 'problems_from', 'spec_error', 'load_spec', 'deep_merge', 'expand_dots',
+           'check_partial', 'dump_spec', 'spec_schema', 'spec_hash', 'env_facts', 'Report', 'validate']
 
 # %% ../nbs/01_config.ipynb #1a4d8eff
 class _Cfg(BaseModel):
@@ -50,7 +50,7 @@ class LoraCfg(_Cfg):
         if isinstance(v, list) and not v: raise ValueError("an empty list adapts nothing; use 'auto' or name the layers")
         return v
 
-# %% ../nbs/01_config.ipynb #cfd46b7b
+# %% ../nbs/01_config.ipynb #ff99c793
 class DataCfg(_Cfg):
     "The training data and how examples become token sequences"
     dataset: str = Field(min_length=1, description='workspace dataset id, or path of a data file')
@@ -63,6 +63,13 @@ class DataCfg(_Cfg):
     mask_prompt: bool = Field(True, description='compute the loss on responses only, not on prompts')
     chat_template: str|None = Field(None, description="Jinja chat template; None = the tokenizer's own")
     system_prompt: str|None = Field(None, description='system message added to examples that have none')
+    # image jobs (kind: diffusion)
+    resolution: int = Field(512, ge=64, le=4096, description='image jobs: training side length in pixels; buckets keep about resolution^2 pixels')
+    buckets: bool = Field(True, description='image jobs: group images by aspect ratio instead of center-cropping them all square')
+    trigger: str|None = Field(None, description="image jobs: trigger word, prepended to captions or replacing a [trigger] token")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description='image jobs: fraction of steps trained with an empty caption')
+    repeats: int = Field(1, ge=1, description='image jobs: how many times each image is seen per epoch')
+    random_flip: bool = Field(False, description='image jobs: flip images horizontally at random (not for text or asymmetric subjects)')
 
     @model_validator(mode='after')
     def _one_val(self):
@@ -99,7 +106,7 @@ class TrainCfg(_Cfg):
     @property
     def governed_by(self) -> str: return 'max_steps' if self.max_steps else 'epochs'
 
-# %% ../nbs/01_config.ipynb #fbb21668
+# %% ../nbs/01_config.ipynb #bda622d8
 class SampleCfg(_Cfg):
     "Generations shown while training, to see the adapter learn"
     prompts: list[str] = Field([], description='prompts to complete at each sample step')
@@ -116,12 +123,27 @@ class CheckpointCfg(_Cfg):
     keep_best: bool = Field(False, description='also keep the checkpoint with the best validation loss')
     save_on_stop: bool = Field(True, description='write a checkpoint when the job is stopped')
 
+class DiffusionCfg(_Cfg):
+    "How a diffusion model is trained (kind: diffusion only)"
+    prediction: Literal['auto', 'epsilon', 'v_prediction'] = Field('auto', description="what the UNet predicts; auto = the model's scheduler config")
+    min_snr_gamma: float|None = Field(None, gt=0, description='min-SNR loss weighting gamma (5 is usual); None = off')
+    noise_offset: float = Field(0.0, ge=0, le=1, description='offset noise strength (0.05-0.1 helps very dark or bright images)')
+    train_text_encoder: bool = Field(False, description='also put LoRA on the text encoder(s)')
+    cache_latents: bool = Field(True, description='encode images once with the VAE and cache latents in the run folder')
+    guidance_scale: float = Field(7.5, ge=0, description='classifier-free guidance scale for sample images')
+    sample_steps: int = Field(25, ge=1, description='denoising steps for sample images')
+
+class DistributedCfg(_Cfg):
+    "Training on several processes (GPUs) through accelerate"
+    strategy: Literal['auto', 'none', 'ddp', 'fsdp'] = Field('auto', description='auto = ddp when num_processes > 1, else none; fsdp shards the model for models that do not fit one GPU')
+    num_processes: int = Field(1, ge=1, le=64, description='processes (one per GPU) to train with')
+
 class ExportCfg(_Cfg):
     "What the finished job writes besides its adapter"
     merged: bool = Field(False, description='also save the base model with the adapter merged in')
     formats: list[Literal['peft', 'merged', 'gguf', 'ollama', 'kohya', 'diffusers']] = Field(['peft'], description='export formats')
 
-# %% ../nbs/01_config.ipynb #6665ab95
+# %% ../nbs/01_config.ipynb #a63867e2
 class JobSpec(_Cfg):
     "A complete, typed description of one training job"
     name: str = Field('job', min_length=1, max_length=100, description='a human name for the job')
@@ -133,6 +155,8 @@ class JobSpec(_Cfg):
     sample: SampleCfg = Field(default_factory=SampleCfg)
     checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
+    diffusion: DiffusionCfg = Field(default_factory=DiffusionCfg)
+    distributed: DistributedCfg = Field(default_factory=DistributedCfg)
     preset: str|None = Field(None, description='the preset this spec was built from (informational)')
 
 # %% ../nbs/01_config.ipynb #3ac306bf

@@ -15,7 +15,7 @@ from .callbacks import (Recorder, LedgerSink, CheckpointCallback, ControlCallbac
 import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 
 # %% auto #0
-__all__ = ['HOST', 'job_callbacks', 'run_job', 'train']
+__all__ = ['RECIPES', 'HOST', 'job_callbacks', 'recipe_for', 'run_job', 'train']
 
 # %% ../nbs/12_run.ipynb #2da498a5
 def job_callbacks(setup, ws:Workspace, job_id:str, progress='auto', poll_every_s=1.0) -> list:
@@ -32,7 +32,16 @@ def job_callbacks(setup, ws:Workspace, job_id:str, progress='auto', poll_every_s
                                   ledger=ws.ledger, job_id=job_id, seed=smp.seed))
     return cbs
 
-# %% ../nbs/12_run.ipynb #81d71c05
+# %% ../nbs/12_run.ipynb #23f9ca5d
+RECIPES = {'llm': 'forgenb.recipes.llm', 'diffusion': 'forgenb.recipes.diffusion'}
+
+def recipe_for(kind:str):
+    "The recipe module of a job `kind`"
+    import importlib
+    if kind not in RECIPES: raise InputError(f'no recipe for job kind {kind!r}', field='kind', value=kind, hint=f'use one of {", ".join(RECIPES)}')
+    return importlib.import_module(RECIPES[kind])
+
+# %% ../nbs/12_run.ipynb #382416cd
 HOST = socket.gethostname()
 
 def _resume_point(job, run_dir):
@@ -46,7 +55,7 @@ def _last(history, name):
 
 def _finish(ws, job_id, learn, setup, started) -> dict:
     "Save the adapter if the run ended with one worth keeping; the job's final fields"
-    from forgenb.recipes.llm import save_adapter
+    save_adapter = recipe_for(setup.spec.kind).save_adapter
     reason = getattr(learn, 'stop_reason', None)
     status = {'stopped': 'stopped', 'paused': 'paused'}.get(reason, 'completed')
     adapter = None
@@ -59,7 +68,6 @@ def _finish(ws, job_id, learn, setup, started) -> dict:
 
 def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict:
     "Run job `job_id` of workspace `ws` to its end; the job's row when it ends"
-    from forgenb.recipes.llm import build, make_learner
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     led = ws.ledger
     if (job := led.get_job(job_id)) is None:
@@ -69,9 +77,11 @@ def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict
                    started_at=job['started_at'] or started, ended_at=None, error=None)
     learn = None
     try:
-        setup = build(load_spec(job['spec']), ws)
+        spec = load_spec(job['spec'])
+        rec = recipe_for(spec.kind)
+        setup = rec.build(spec, ws)
         led.update_job(job_id, n_step=setup.facts['total_steps'])
-        learn = make_learner(setup, cbs=job_callbacks(setup, ws, job_id, progress, poll_every_s) + list(cbs or []))
+        learn = rec.make_learner(setup, cbs=job_callbacks(setup, ws, job_id, progress, poll_every_s) + list(cbs or []))
         if (ck := _resume_point(job, ws.run_dir(job_id))) is not None: load_checkpoint(learn, ck)
         learn.fit()
         return led.update_job(job_id, **_finish(ws, job_id, learn, setup, started))
