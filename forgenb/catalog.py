@@ -14,8 +14,8 @@ from .core import InputError
 # %% auto #0
 __all__ = ['CATALOG', 'GiB', 'PRECISION_BYTES', 'ACT_BYTES', 'NF4_BYTES', 'ADAPTER_BYTES', 'OVERHEAD', 'METHODS', 'BaseModel',
            'hf_config', 'count_safetensors', 'closest_model', 'model_info', 'linear_layers', 'lora_params',
-           'estimate_memory', 'memory_table', 'available_memory', 'check_model', 'add_model', 'remove_model',
-           'list_models', 'OfflineError', 'catalog_search', 'search_models']
+           'estimate_memory', 'memory_table', 'nvml_gpus', 'available_memory', 'check_model', 'add_model',
+           'remove_model', 'list_models', 'OfflineError', 'catalog_search', 'search_models']
 
 # %% ../nbs/00a_catalog.ipynb #c2ad5690
 @dataclass
@@ -341,16 +341,50 @@ def memory_table(info: BaseModel, seq_len=2048, batch_size=1, rank=16, precision
                          total_ckpt_gib=_gib(b['total'])))
     return rows
 
-# %% ../nbs/00a_catalog.ipynb #c7d16c1d
+# %% ../nbs/00a_catalog.ipynb #61b94eed
+def _visible(handles:list, env=None) -> list:
+    "The (index, uuid, handle) triples `$CUDA_VISIBLE_DEVICES` leaves visible, in its order"
+    v = (os.environ if env is None else env).get('CUDA_VISIBLE_DEVICES')
+    if v is None: return handles
+    out = []
+    for tok in (t.strip() for t in v.split(',')):
+        if not tok or tok == '-1': break  # CUDA stops at the first invalid entry
+        hit = [h for h in handles if str(h[0]) == tok or h[1] == tok or (tok.startswith('GPU-') and h[1].startswith(tok))]
+        if not hit: break
+        out.append(hit[0])
+    return out
+
+def nvml_gpus(env=None) -> list[dict]|None:
+    "Memory of each visible GPU read through NVML (no CUDA context); None when NVML is unavailable"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        hs = [(i, _s(pynvml.nvmlDeviceGetUUID(h)), h) for i in range(pynvml.nvmlDeviceGetCount())
+              if (h := pynvml.nvmlDeviceGetHandleByIndex(i)) is not None]
+        out = []
+        for k, (i, uuid, h) in enumerate(_visible(hs, env)):
+            m = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append(dict(index=k, nvml_index=i, uuid=uuid, name=_s(pynvml.nvmlDeviceGetName(h)), free=int(m.free), total=int(m.total)))
+        return out
+    except Exception: return None
+
+def _s(v): return v.decode() if isinstance(v, bytes) else str(v)
+
+def _torch_gpus() -> list[dict]:
+    import torch
+    if not torch.cuda.is_available(): return []
+    devs = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        devs.append(dict(index=i, name=torch.cuda.get_device_name(i), free=free, total=total))
+    return devs
+
 def available_memory() -> dict:
     "Free and total bytes of each GPU, else of system RAM; `device` says which"
-    import torch, psutil
-    if torch.cuda.is_available():
-        devs = []
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            devs.append(dict(index=i, name=torch.cuda.get_device_name(i), free=free, total=total))
-        return dict(device='cuda', free=devs[0]['free'], total=devs[0]['total'], devices=devs)
+    import psutil
+    devs = nvml_gpus()
+    if devs is None: devs = _torch_gpus()
+    if devs: return dict(device='cuda', free=devs[0]['free'], total=devs[0]['total'], devices=devs)
     vm = psutil.virtual_memory()
     return dict(device='cpu', free=vm.available, total=vm.total,
                 devices=[dict(index=0, name=platform.processor() or platform.machine(), free=vm.available, total=vm.total)])
