@@ -286,7 +286,7 @@ def _parse(text, file) -> tuple[dict, dict]:
     if not isinstance(d, dict): raise InputError('a job spec must be a mapping of sections (model:, data:, train: ...)', file=file, line=1)
     return d, lines
 
-# %% ../nbs/01_config.ipynb #dc52360f
+# %% ../nbs/01_config.ipynb #58d6e66d
 def spec_error(problems, file=None) -> InputError:
     "One `InputError` for a list of `Problem`s, keeping them as `.problems`"
     if len(problems) == 1:
@@ -304,7 +304,17 @@ def _read_spec(src) -> tuple[dict, Path|None, dict]:
         raise InputError('a job spec file must end in .yaml, .yml or .json', file=p, hint='rename it, or pass a dict')
     if not p.is_file(): raise InputError('spec file not found', file=p, hint='check the path')
     d, lines = _parse(p.read_text(), p)
-    return d, p, lines
+    return _anchor(d, p.parent), p, lines
+
+_PATH_FIELDS = (('model', 'base'), ('data', 'dataset'))
+
+def _anchor(d:dict, folder:Path) -> dict:
+    "`d` with relative model/data paths that exist beside the spec file made absolute"
+    for sec, key in _PATH_FIELDS:
+        v = d.get(sec, {}).get(key) if isinstance(d.get(sec), dict) else None
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute() and (folder/v).exists():
+            d = {**d, sec: {**d[sec], key: str((folder/v).resolve())}}
+    return d
 
 def load_spec(src) -> JobSpec:
     "A valid `JobSpec` from a YAML/JSON file, a dict or a spec; else one `InputError` listing every problem"
