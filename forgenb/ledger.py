@@ -62,9 +62,14 @@ CREATE TABLE recommendations(
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, kind TEXT NOT NULL, level TEXT NOT NULL DEFAULT 'info',
   message TEXT NOT NULL, data TEXT, created_at REAL NOT NULL);
 """,
+# 2: the registry keeps the files of a model version (name -> sha256 and size) beside its lineage
+"""
+ALTER TABLE models ADD COLUMN files TEXT;
+CREATE INDEX models_job ON models(job_id);
+""",
 ]
 
-JSON_COLS = {'stats', 'meta', 'spec', 'info', 'args', 'data', 'gpus', 'result', 'metrics', 'lineage'}
+JSON_COLS = {'stats', 'meta', 'spec', 'info', 'args', 'data', 'gpus', 'result', 'metrics', 'lineage', 'files'}
 
 # %% ../nbs/02_ledger.ipynb #53a288fe
 def _decode(row: sqlite3.Row) -> dict:

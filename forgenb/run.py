@@ -66,6 +66,17 @@ def _finish(ws, job_id, learn, setup, started) -> dict:
     return dict(status=status, step=learn.step, ended_at=time.time(), result=result,
                 resume_step=learn.step if status == 'paused' else None)
 
+def _register(ws, job) -> dict:
+    "Register a completed job as a model version; a failure becomes an event, never a failed job"
+    if job['status'] != 'completed': return job
+    try:
+        from forgenb.registry import register
+        register(ws, job['id'])
+    except Exception as e:
+        try: ws.ledger.add_event('model.register_failed', job_id=job['id'], error=f'{type(e).__name__}: {e}')
+        except Exception: pass  # the ledger itself failed: the job stays completed all the same
+    return job
+
 def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict:
     "Run job `job_id` of workspace `ws` to its end; the job's row when it ends"
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
@@ -84,7 +95,7 @@ def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict
         learn = rec.make_learner(setup, cbs=job_callbacks(setup, ws, job_id, progress, poll_every_s) + list(cbs or []))
         if (ck := _resume_point(job, ws.run_dir(job_id))) is not None: load_checkpoint(learn, ck)
         learn.fit()
-        return led.update_job(job_id, **_finish(ws, job_id, learn, setup, started))
+        return _register(ws, led.update_job(job_id, **_finish(ws, job_id, learn, setup, started)))
     except KeyboardInterrupt:
         ck = latest_checkpoint(ws.run_dir(job_id))
         step = None if ck is None else int(Path(ck).name.split('-')[1])
