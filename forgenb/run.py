@@ -75,7 +75,22 @@ def _register(ws, job) -> dict:
     except Exception as e:
         try: ws.ledger.add_event('model.register_failed', job_id=job['id'], error=f'{type(e).__name__}: {e}')
         except Exception: pass  # the ledger itself failed: the job stays completed all the same
-    return job
+        return job
+    return _exports(ws, job)
+
+def _exports(ws, job) -> dict:
+    "Write the exports the spec asks for; a failed export is recorded in the job's result, never fails the job"
+    spec = load_spec(job['spec'])
+    fmts = [f for f in dict.fromkeys(spec.export.formats + (['merged'] if spec.export.merged else [])) if f != 'peft']
+    if not fmts: return job
+    from forgenb.export import export
+    done, failed = {}, {}
+    for f in fmts:
+        try: done[f] = export(ws, job['id'], f, overwrite=True)['path']
+        except Exception as e:
+            failed[f] = f'{type(e).__name__}: {e}'
+            ws.ledger.add_event('model.export_failed', job_id=job['id'], format=f, error=failed[f])
+    return ws.ledger.update_job(job['id'], result={**(job['result'] or {}), 'exports': done, 'export_errors': failed})
 
 def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict:
     "Run job `job_id` of workspace `ws` to its end; the job's row when it ends"
