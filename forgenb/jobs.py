@@ -208,7 +208,7 @@ def reconcile(ws, stale_after=30., # seconds without a heartbeat after which a j
         if (r := _settle(ws, job, 'the job process died', auto_resume)) is not None: out.append(r)
     return out
 
-# %% ../nbs/30_jobs.ipynb #95d8fbc4
+# %% ../nbs/30_jobs.ipynb #ee1f988c
 def _open(ws) -> tuple[Workspace, Ledger]:
     ws = _ws(ws)
     if any(r['status'] == 'queued' for r in reconcile(ws)): ensure_scheduler(ws)
@@ -218,7 +218,7 @@ def _get(led, job_id) -> dict:
     if (job := led.get_job(job_id)) is None:
         ids = [r['id'] for r in led.q('SELECT id FROM jobs ORDER BY created_at DESC LIMIT 5')]
         raise InputError(f'there is no job {job_id!r}', field='job_id', value=job_id,
-                         hint=f'recent jobs: {", ".join(ids)}' if ids else 'submit one first')
+                         hint=(f'recent jobs: {", ".join(ids)}; ' if ids else '') + 'list them with `forgenb jobs` or list_jobs(ws)')
     return job
 
 def get_job(ws, job_id) -> dict:

@@ -3,22 +3,30 @@ and survive the death of any process involved.
 
 On the tiny Llama and the `sample` dataset (the `tiny-cpu-demo` preset cut to a few steps), on CPU:
 
-- Three jobs submitted from a process that is then killed with SIGKILL run in priority, then FIFO order
-  under the detached scheduler that submit started, and complete, each with a report notebook, a log,
-  metrics, checkpoints, samples and an adapter; the scheduler exits once idle.
+- Three jobs submitted from a process whose whole process group is killed with SIGKILL while the first
+  job runs (as a terminal's Ctrl-C or a kernel restart would) run in priority, then FIFO order under the
+  detached scheduler that submit started, and complete untouched (queued, starting, running, completed:
+  no interruption), each with a report notebook, a log, metrics, checkpoints, samples and an adapter;
+  the scheduler exits once idle.
 - A job killed with SIGKILL (scheduler, papermill and kernel) after its first checkpoint is reconciled
-  as `interrupted`, resumable from that checkpoint; `resume` runs it on; killed again (the kernel only,
-  the scheduler alive: papermill exits 138) it is auto-resumed; it completes with the adapter of an
-  uninterrupted run of the same spec (max abs difference <= 1e-5) and exactly one metric row per step.
+  as `interrupted`, resumable from that checkpoint, by the next reader of the ledger, which auto-resumes
+  it and starts a new scheduler that takes over; killed again (the kernel only, the scheduler alive:
+  papermill exits 138) it is auto-resumed by the scheduler; it completes with the adapter of an
+  uninterrupted run of the same spec (max abs difference <= 1e-5) and exactly one metric row per step
+  (the ledger's key (job, name, step) rules out duplicates; the test checks there is no gap).
 - stop(save), soft pause / resume and hard pause / resume work through ledger commands on a running
   papermill job: a soft-paused job makes no progress while its heartbeat goes on; a hard pause exits
   and resume continues from the checkpoint's step; stop ends `stopped` with a checkpoint; save_now,
-  sample_now (custom prompts) and eval_now are acknowledged with their results.
+  sample_now (custom prompts) and eval_now are acknowledged with their results. The hard pause, the
+  resume and the stop go through the `forgenb` CLI; `forgenb logs -f` follows the running job, and Ctrl-C
+  (SIGINT) ends the following with status 130 while the job goes on; started before the stop, it
+  returns by itself once the job has settled.
 - An invalid spec is refused by submit with the report; a spec that went bad after submit (its model
   folder was removed) fails at validation in the job notebook, with the error list, before training.
-- Running the template directly (`papermill train.ipynb out.ipynb -p spec job.yaml`) records a job.
+- Running the template directly, exactly as documented (`papermill "$(forgenb template)" out.ipynb -p spec
+  job.yaml`, in a shell, the workspace from `$FORGENB_HOME`), records a job that completes.
 """
-import os, shutil, signal, subprocess, sys, tempfile, textwrap, time
+import json, os, shutil, signal, subprocess, sys, tempfile, textwrap, time
 from pathlib import Path
 import nbformat, psutil, pytest
 from safetensors.torch import load_file
@@ -99,10 +107,11 @@ def test_submitted_jobs_run_in_order_detached_from_the_submitter(ws):
         ids = [submit(sys.argv[1], sys.argv[2], name=n, priority=p, start=n == 'c') for n, p in (('a', 0), ('b', 0), ('c', 5))]
         print(' '.join(ids), flush=True)
         time.sleep(600)''')
-    sub = subprocess.Popen([sys.executable, '-c', code, str(ws.root), str(spec_file)], stdout=subprocess.PIPE, text=True)
+    sub = subprocess.Popen([sys.executable, '-c', code, str(ws.root), str(spec_file)], stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
     ids = dict(zip('abc', sub.stdout.readline().split()))
-    sub.kill(); sub.wait()  # the submitter dies at once; its jobs go on
-    assert jobs.scheduler_status(ws)['running'] or jobs.queue(ws)
+    _wait(lambda: _job(ws, ids['c'])['status'] == 'running', 240, 'the first job to run')
+    os.killpg(sub.pid, signal.SIGKILL); sub.wait()  # the submitter and its process group die; its jobs go on
     done = {n: jobs.wait_job(ws, i, timeout=300) for n, i in ids.items()}
     assert {n: j['status'] for n, j in done.items()} == dict(a='completed', b='completed', c='completed'), done
     assert done['c']['started_at'] < done['a']['started_at'] < done['b']['started_at']
@@ -115,6 +124,7 @@ def test_submitted_jobs_run_in_order_detached_from_the_submitter(ws):
         assert [s for s, _ in jobs.metrics_history(ws, j['id'], ['train/loss'])['train/loss']] == [1, 2, 3, 4, 5, 6]
         assert [c['step'] for c in jobs.job_checkpoints(ws, j['id'])] == [3, 6]
         assert jobs.job_samples(ws, j['id'])
+        assert [e['data']['status'] for e in jobs.job_events(ws, j['id'], kind='job.status')] == ['queued', 'starting', 'running', 'completed']
     assert jobs.job_stats(ws)['counts']['completed'] == 3 and jobs.job_stats(ws)['success_rate'] == 1.0
     _wait(lambda: not jobs.scheduler_status(ws)['running'], 30, 'the idle scheduler to exit')
 
@@ -131,18 +141,23 @@ def test_killed_job_is_reconciled_and_resumes_to_the_same_adapter(ws, monkeypatc
     spec = _spec(ws, 16, **{'checkpoint.every': 4})
     victim = jobs.submit(ws, spec, name='victim', priority=1, start=False)
     ref = jobs.submit(ws, spec, name='reference')
-    # 1. kill everything (the scheduler, papermill and the kernel) after a checkpoint
+    # 1. kill everything (the scheduler, papermill and the kernel) after a checkpoint: the next reader of the ledger
+    #    reconciles the job as interrupted, auto-resumes it from that checkpoint, and starts a new scheduler
+    monkeypatch.setenv('FORGENB_AUTO_RESUME', '3')
     _wait(lambda: _job(ws, victim)['status'] == 'running', 240, 'the job to start')
     _pause_resume(ws, victim, save=True)
-    os.kill(jobs.scheduler_status(ws)['pid'], signal.SIGKILL)
+    first, old = jobs.job_checkpoints(ws, victim)[-1]['step'], jobs.scheduler_status(ws)['pid']
+    os.kill(old, signal.SIGKILL)
     _kill_job(_job(ws, victim))
-    j = _job(ws, victim)  # reading the ledger reconciles it
-    assert j['status'] == 'interrupted' and j['resume_step'] == jobs.job_checkpoints(ws, victim)[-1]['step'], j
-    assert j['error'] == f"the job process died at step {j['step']}; resumable from checkpoint step {j['resume_step']}"
-    first = j['resume_step']
-    # 2. resume by hand; then kill the kernel only, with the scheduler alive: auto-resume takes over
-    monkeypatch.setenv('FORGENB_AUTO_RESUME', '3')
-    assert jobs.resume(ws, victim) == dict(job_id=victim, status='queued', resume_step=first)
+    def _statuses():  # reading the ledger reconciles the job (once the killed processes are gone)
+        return [(e['data']['status'], e['data'].get('reason')) for e in jobs.job_events(ws, victim, kind='job.status')]
+    ev = _wait(lambda: (ev := _statuses()) and 'interrupted' in [st for st, _ in ev[:-1]] and ev, 30, 'the job to be reconciled and requeued')
+    i = [st for st, _ in ev].index('interrupted')
+    (st, died), (st2, again) = ev[i:i + 2]
+    assert st == 'interrupted' and died.startswith('the job process died at step') and died.endswith(f'resumable from checkpoint step {first}'), died
+    assert (st2, again) == ('queued', f'auto-resume 1/3 from step {first}')
+    _wait(lambda: jobs.scheduler_status(ws).get('pid') not in (None, old), 60, 'a new scheduler')
+    # 2. the new scheduler runs it on; kill the kernel only, with the scheduler alive: it judges the exit and resumes it
     _wait(lambda: _job(ws, victim)['status'] == 'running', 240, 'the resumed run')
     _pause_resume(ws, victim)
     os.kill(_job(ws, victim)['pid'], signal.SIGKILL)
@@ -150,21 +165,50 @@ def test_killed_job_is_reconciled_and_resumes_to_the_same_adapter(ws, monkeypatc
     done = _wait(lambda: (j := ws.ledger.get_job(victim))['status'] in jobs.FINAL and j, 300, 'the job to end')
     assert done['status'] == 'completed', done
     reasons = [e['data'].get('reason', '') for e in jobs.job_events(ws, victim, kind='job.status')]
-    assert any(r.startswith('the kernel died (papermill exit 138)') for r in reasons), reasons
-    assert any(r.startswith('auto-resume 1/3') for r in reasons), reasons
+    i = next(i for i, r in enumerate(reasons) if r.startswith('the kernel died (papermill exit 138)'))
+    assert reasons[i + 1].startswith('auto-resume '), reasons
     assert jobs.wait_job(ws, ref, timeout=300)['status'] == 'completed'
     # 3. the same adapter and one metric row per step as the run nobody interrupted
     a, b = (load_file(ws.run_dir(i)/'adapter'/'adapter_model.safetensors') for i in (victim, ref))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     ma, mb = (jobs.metrics_history(ws, i, ['train/loss'], max_points=None)['train/loss'] for i in (victim, ref))
     assert [s for s, _ in ma] == list(range(1, 17)) == [s for s, _ in mb]
+    assert ws.ledger.one("SELECT COUNT(*) AS n FROM metrics WHERE job_id = ? AND name = 'train/loss'", victim)['n'] == 16
     assert max(abs(x - y) for (_, x), (_, y) in zip(ma, mb)) <= 1e-5
 
 
-def test_stop_and_pauses_through_commands(ws):
+CLI = 'import sys; from forgenb.cli import main; sys.exit(main())'
+
+
+def _follow(ws, job_id):
+    "`forgenb logs JOB -f` in a process of its own, once it has printed its first line"
+    p = subprocess.Popen([sys.executable, '-c', CLI, 'logs', job_id, '-f', '-n', '3', '--home', str(ws.root)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline(), p.communicate()
+    return p
+
+
+def _cli(capsys, ws, *argv) -> str:
+    "Run `forgenb ARGV --home WS` here; what it printed (it must succeed)"
+    from forgenb.cli import main
+    capsys.readouterr()
+    code = main([*argv, '--home', str(ws.root)])
+    out, err = capsys.readouterr()
+    assert code == 0, (argv, out, err)
+    return out
+
+
+def test_stop_and_pauses_through_commands(ws, capsys):
     spec = _spec(ws, 100000, **{'sample.prompts': ['Reverse the letters.\nabc'], 'data.val_split': 0.1})
     jid = jobs.submit(ws, spec, name='control')
     _wait(lambda: _job(ws, jid)['status'] == 'running' and _job(ws, jid)['step'] >= 2, 240, 'the job to run')
+    # Ctrl-C ends `forgenb logs -f`, not the job
+    f = _follow(ws, jid)
+    f.send_signal(signal.SIGINT)
+    out, err = f.communicate(timeout=60)
+    assert f.returncode == 130 and 'goes on' in err, (f.returncode, err)
+    step = _job(ws, jid)['step']
+    _wait(lambda: _job(ws, jid)['status'] == 'running' and _job(ws, jid)['step'] > step, 60, 'progress after the Ctrl-C')
     res = jobs.wait_command(ws, jobs.save_now(ws, jid)['command_id'])['result']
     assert Path(res['checkpoint']).is_dir()
     assert jobs.wait_command(ws, jobs.sample_now(ws, jid, ['Reverse the letters.\nxyz'])['command_id'])['result']['n'] == 1
@@ -180,21 +224,24 @@ def test_stop_and_pauses_through_commands(ws):
     jobs.resume(ws, jid)
     _wait(lambda: _job(ws, jid)['status'] == 'running' and _job(ws, jid)['step'] > q['step'], 60, 'progress after resume')
     # hard pause: checkpoint, the process exits; resume continues from that step in a new process
-    jobs.pause(ws, jid, 'hard')
+    assert 'checkpoint:' in _cli(capsys, ws, 'pause', jid, '--hard')
     h = jobs.wait_job(ws, jid, timeout=60)
     assert (h['status'], h['pid']) == ('paused', None) and h['resume_step'] == h['step'], h
     assert jobs.job_checkpoints(ws, jid)[-1]['step'] == h['step']
-    assert jobs.resume(ws, jid) == dict(job_id=jid, status='queued', resume_step=h['step'])
+    assert json.loads(_cli(capsys, ws, 'resume', jid, '--json')) == dict(job_id=jid, status='queued', resume_step=h['step'])
     _wait(lambda: _job(ws, jid)['status'] == 'running' and _job(ws, jid)['step'] > h['step'], 240, 'the resumed run')
     assert f"resume step {h['step']}" in (ws.run_dir(jid)/'log.txt').read_text()
     requeued = [e['ts'] for e in jobs.job_events(ws, jid, kind='job.status') if e['data']['status'] == 'queued'][-1]
     before = ws.ledger.one('SELECT MAX(ts) AS t FROM metrics WHERE job_id = ? AND step <= ?', jid, h['step'])['t']
     after = ws.ledger.one('SELECT MIN(step) AS s FROM metrics WHERE job_id = ? AND ts > ?', jid, requeued)['s']
     assert before < requeued and after == h['step'] + 1, 'the resumed run went on from the checkpoint, redoing no step'
-    # stop with a checkpoint
-    jobs.stop(ws, jid)
+    # stop with a checkpoint, while `forgenb logs -f` follows the job to its end
+    f = _follow(ws, jid)
+    assert Path(json.loads(_cli(capsys, ws, 'stop', jid, '--json'))['checkpoint']).is_dir()
     s = jobs.wait_job(ws, jid, timeout=60)
     assert s['status'] == 'stopped', s
+    out, err = f.communicate(timeout=60)
+    assert f.returncode == 0 and 'step' in out, (f.returncode, out[-2000:], err)
     assert jobs.job_checkpoints(ws, jid)[-1]['step'] == s['step'] and jobs.job_checkpoints(ws, jid)[-1]['kind'] == 'stop'
     with pytest.raises(InputError, match='nothing to stop'): jobs.stop(ws, jid)
     assert (ws.run_dir(jid)/'report.1.ipynb').is_file() and (ws.run_dir(jid)/'report.ipynb').is_file()
@@ -218,10 +265,10 @@ def test_invalid_specs_never_train(ws):
 
 
 def test_running_the_template_directly_records_a_job(ws):
-    spec_file = ws.root/'direct.yaml'
-    dump_spec(_spec(ws, 3), spec_file)
-    r = subprocess.run([sys.executable, '-m', 'papermill', str(jobs.template_path()), str(ws.root/'out.ipynb'),
-                        '-p', 'spec', str(spec_file), '-p', 'workspace', str(ws.root)], capture_output=True, text=True, timeout=300)
+    dump_spec(_spec(ws, 3), ws.root/'job.yaml')
+    env = dict(os.environ, FORGENB_HOME=str(ws.root), PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')
+    r = subprocess.run(['bash', '-c', 'papermill "$(forgenb template)" out.ipynb -p spec job.yaml'], cwd=ws.root, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     [j] = jobs.list_jobs(ws)
     assert (j['status'], j['step']) == ('completed', 3)

@@ -11,11 +11,12 @@ is tested apart from training:
 - Each job runs in its own folder with `report.ipynb` and `log.txt`, and an earlier attempt's report is kept.
 - `max_parallel=2` runs two jobs at once.
 - `kill -9` of the scheduler mid-job leaves the job running; two schedulers then started at the same
-  moment share the workspace lock so that every job runs exactly once and all complete.
+  moment share the workspace lock so that every job runs exactly once and all complete. A job that
+  answers nothing is ended by `forgenb kill`: its kernel is gone and it is `stopped`, killed by the user.
 """
 import json, os, signal, subprocess, sys, tempfile, time
 from pathlib import Path
-import nbformat
+import nbformat, psutil
 from nbformat.v4 import new_code_cell, new_notebook
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', CUDA_VISIBLE_DEVICES='')
@@ -33,6 +34,7 @@ if mode == 'raise': raise ValueError('boom')
 if mode == 'oom': raise MemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
 led.update_job(job_id, status='running', pid=os.getpid(), host=jobs.HOST, started_at=time.time())
 if mode == 'die': os.kill(os.getpid(), 9)
+while mode == 'hang': time.sleep(0.25); led.update_job(job_id, heartbeat_at=time.time())
 for i in range(int(os.environ.get('FAKE_STEPS', 0)) if mode == 'sleep' else 0):
     time.sleep(0.25); led.update_job(job_id, step=i + 1, heartbeat_at=time.time())
 if mode != 'nostatus': led.update_job(job_id, status='completed', ended_at=time.time())
@@ -66,6 +68,7 @@ def _wait(cond, timeout, what):
 
 
 def test_exits_are_classified():
+    import forgenb.jobs as jobs
     ws = _ws()
     led, t = ws.ledger, _template(ws.root)
     for name in ('ok', 'raise', 'oom', 'nostatus', 'die'): led.add_job(name, spec={}, name=name)
@@ -85,6 +88,9 @@ def test_exits_are_classified():
     assert job['oom']['status'] == 'failed' and job['oom']['error'].startswith('oom: MemoryError: CUDA out of memory')
     assert 'batch_size' in job['oom']['error']
     assert led.q("SELECT kind FROM recommendations WHERE job_id = 'oom'") == [dict(kind='oom')]
+    [diag] = led.events('oom', kind='job.diagnosis')
+    assert diag['data'] == dict(reason='oom', fix=jobs.OOM_FIX), 'the reason, `oom`, and the fix are recorded as an event'
+    assert led.q("SELECT kind FROM recommendations WHERE job_id = 'raise'") == [], 'only out-of-memory failures are tagged'
 
     assert job['die']['status'] == 'interrupted' and job['die']['resume_step'] is None
     assert job['die']['error'].startswith('the kernel died (papermill exit 138) at step 0; no checkpoint yet')
@@ -102,13 +108,20 @@ def test_killed_scheduler_loses_nothing_and_two_new_ones_run_each_job_once():
     ws = _ws()
     led, t = ws.ledger, _template(ws.root)
     for i in range(3): led.add_job(f'j{i}', spec={}, name='sleep', priority=-i)
+    led.add_job('hung', spec={}, name='hang', priority=-3)
     first = _worker(ws, t, '--idle-exit', '0', env=dict(FAKE_STEPS='16'))
     _wait(lambda: led.get_job('j0')['status'] == 'running' and led.get_job('j0')['step'] >= 1, 120, 'j0 to run')
     os.kill(first.pid, signal.SIGKILL); first.wait()
     assert scheduler_status(ws) == dict(running=False)
     assert led.get_job('j0')['status'] == 'running' and process_alive(led.get_job('j0')), 'the job outlives its scheduler'
     two = [_worker(ws, t, '--idle-exit', '0', env=dict(FAKE_STEPS='4')) for _ in range(2)]
+    _wait(lambda: led.get_job('hung')['status'] == 'running', 240, 'the hanging job to run')
+    hung = led.get_job('hung')['pid']
+    from forgenb.cli import main
+    assert main(['kill', 'hung', '--home', str(ws.root)]) == 0
     outs = [p.communicate(timeout=300)[0] for p in two]
+    j = led.get_job('hung')
+    assert (j['status'], j['error']) == ('stopped', 'killed by the user at step 0') and not psutil.pid_exists(hung), j
     assert sorted('another scheduler holds' in o for o in outs) == [False, True], outs
     for i in range(3):
         j = led.get_job(f'j{i}')

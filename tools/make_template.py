@@ -20,7 +20,9 @@ This notebook is a forgenb job, and once it has run, the job's report. The sched
 papermill, passing `job_id` and `workspace`. You can also run it on a spec file yourself; the run is
 recorded in the workspace as a job like any other:
 
-    papermill "$(python -c 'import forgenb.jobs as j; print(j.template_path())')" report.ipynb -p spec job.yaml"""),
+    papermill "$(forgenb template)" report.ipynb -p spec job.yaml
+
+It goes to the workspace that `$FORGENB_HOME` names; `-p workspace DIR` picks another."""),
 ('code', 'parameters', """job_id = None     # the job to run, from the workspace ledger (the scheduler sets it)
 workspace = None  # the workspace folder (default: $FORGENB_HOME, /workspace/forgenb or ~/forgenb)
 spec = None       # a job spec file (YAML or JSON), to run without submitting it first"""),
@@ -33,7 +35,7 @@ ws = (Workspace(workspace) if workspace else Workspace()).ensure()
 if job_id is None:
     if spec is None:
         raise InputError('nothing to run: pass job_id (a submitted job) or spec (a job spec file)',
-                         hint='papermill train.ipynb report.ipynb -p spec job.yaml')
+                         hint='papermill "$(forgenb template)" report.ipynb -p spec job.yaml')
     job_id = jobs.create_job(ws, spec, status='starting', pid=os.getpid(), host=jobs.HOST, heartbeat_at=time.time())['id']
 job = jobs.get_job(ws, job_id)
 print(f"job {job_id} ({job['name']}) in workspace {ws.root}, forgenb {forgenb.__version__}")"""),
