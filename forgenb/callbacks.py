@@ -109,6 +109,7 @@ def after_loss(self:Recorder):
 @patch
 def after_step(self:Recorder):
     win, self._win, step = self._win, [], self.learn.step
+    if (wl := getattr(self.learn, 'window_loss', None)) is not None: win = [wl]  # the token mean over every process
     if step == self._seen: return
     self._seen = step
     self._windows.append(win); self._gnorms.append(self.learn.grad_norm)
@@ -546,6 +547,17 @@ def sample(self:SampleCallback, prompts:list[str]|None=None) -> list[str]:
     self._record(prompts, outs)
     return outs
 
+def _is_image(o) -> bool: return hasattr(o, 'save') and hasattr(o, 'size')  # a PIL image, without importing PIL
+
+@patch
+def _save_image(self:SampleCallback, im, i:int) -> str:
+    "Write sample image `im` to `samples/step-<N>-<i>.png`, atomically; its path relative to `run_dir`"
+    import io
+    buf, rel = io.BytesIO(), f'samples/step-{self.step}-{i}.png'
+    im.save(buf, format='PNG')
+    atomic_write(self.run_dir/rel, buf.getvalue())
+    return rel
+
 @patch
 def _record(self:SampleCallback, prompts, outs):
     if prompts is self.prompts: self._last = self.step  # custom prompts (sample_now) do not replace the scheduled sample
@@ -553,11 +565,15 @@ def _record(self:SampleCallback, prompts, outs):
     recs = [dict(step=self.step, prompt=p, output=o, seed=self.seed, created_at=now) for p, o in zip(prompts, outs)]
     self.history += recs
     if self.run_dir is not None:
+        n0 = len(list((self.run_dir/'samples').glob(f'step-{self.step}-*.png')))
+        for j, r in enumerate(r for r in recs if _is_image(r['output'])): r['image'], r['output'] = r['output'], self._save_image(r['output'], n0 + j)
         f = self.run_dir/'samples'/f'step-{self.step}.jsonl'
         old = f.read_text() if f.exists() else ''
-        atomic_write(f, old + ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs))
+        atomic_write(f, old + ''.join(json.dumps({k: v for k, v in r.items() if k != 'image'}, ensure_ascii=False) + '\n' for r in recs))
     if self.ledger is not None:
-        for r in recs: self.ledger.add_sample(self.job_id, self.step, self.kind, r['prompt'], r['output'], meta=dict(seed=self.seed))
+        for r in recs:
+            if 'image' in r: self.ledger.add_sample(self.job_id, self.step, 'image', r['prompt'], path=self.run_dir/r['output'], meta=dict(seed=self.seed))
+            else: self.ledger.add_sample(self.job_id, self.step, self.kind, r['prompt'], r['output'], meta=dict(seed=self.seed))
 
 # %% ../nbs/11_callbacks.ipynb #f1edb1b8
 @patch

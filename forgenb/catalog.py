@@ -305,7 +305,7 @@ def _weight_bytes(info, method, precision) -> int:
 
 def _act_bytes(info, seq_len, batch_size, precision, grad_ckpt) -> int|None:
     if info.kind == 'diffusion':
-        if not (info.hidden_size and info.n_layers): return None
+        if not (info.hidden_size and info.n_layers and info.resolution): return None  # a local FLUX folder states no resolution
         seq_len, vocab = (info.resolution // 16) ** 2 + 512, 0
     else: vocab = info.vocab_size or 0
     if not (info.hidden_size and info.n_layers): return None

@@ -19,8 +19,9 @@ from .core import InputError, atomic_dir, atomic_write, sha256_file
 
 # %% auto #0
 __all__ = ['TASK_INSTRUCTION', 'SAMPLE_FORMATS', 'BOS', 'EOS', 'PAD', 'IM_START', 'IM_END', 'CHAT_TEMPLATE', 'TINY_ARCHS',
-           'task_answer', 'task_prompt', 'sample_task', 'write_sample_dataset', 'tiny_tokenizer', 'tiny_config',
-           'tiny_model', 'tiny_model_dir']
+           'CLIP_BOS', 'CLIP_EOS', 'SD_ARCHS', 'task_answer', 'task_prompt', 'sample_task', 'write_sample_dataset',
+           'tiny_tokenizer', 'tiny_config', 'tiny_model', 'tiny_model_dir', 'tiny_clip_tokenizer', 'tiny_t5_tokenizer',
+           'tiny_pipeline', 'tiny_pipeline_dir', 'write_sample_images']
 
 # %% ../nbs/90_test_utils.ipynb #5c9ab3de
 TASK_INSTRUCTION = 'Reverse the letters.'
@@ -188,3 +189,121 @@ def tiny_model_dir(path, # folder to create (or reuse)
             files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
             (tmp/_MANIFEST).write_text(json.dumps(dict(key=key, files=files), indent=1))
     return path
+
+# %% ../nbs/90_test_utils.ipynb #afa4f4ab
+CLIP_BOS, CLIP_EOS = '<|startoftext|>', '<|endoftext|>'
+
+def tiny_clip_tokenizer(max_len=77): # CLIP's context length
+    "A character-level `CLIPTokenizer`: CLIP's byte alphabet with and without `</w>`, no merges"
+    from transformers import CLIPTokenizer
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([CLIP_BOS, CLIP_EOS] + chars + [c + '</w>' for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+# %% ../nbs/90_test_utils.ipynb #2a5d4807
+SD_ARCHS = ('sd15', 'sdxl', 'flux')
+
+def _clip_config(tok, proj=32):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=tok.model_max_length, projection_dim=proj,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+def _tiny_unet(arch):
+    from diffusers import UNet2DConditionModel
+    kw = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+              down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'), up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+              attention_head_dim=4, cross_attention_dim=32)
+    if arch == 'sdxl':  # hidden states of both encoders side by side; pooled text (32) + 6 size numbers x 8
+        kw.update(cross_attention_dim=64, addition_embed_type='text_time', addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 2), use_linear_projection=True)
+    return UNet2DConditionModel(**kw)
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(latent_channels=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=8, layers_per_block=1, sample_size=128,
+                         down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
+
+def tiny_t5_tokenizer(max_len=32): # T5's context for these tests (FLUX.1 reads 512 tokens)
+    "A character-level `T5Tokenizer` (unigram): letters, digits and punctuation, word-initial letters marked with ▁"
+    from transformers import T5Tokenizer
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [('<pad>', 0.), ('</s>', 0.), ('<unk>', 0.), ('▁', -1.)] + [(c, -2.) for c in chars] + [('▁' + c, -1.5) for c in string.ascii_letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_len)
+
+def _tiny_flux(tok2):
+    "A FLUX.1-shaped transformer (one double- and one single-stream block) and a T5 encoder"
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4), guidance_embeds=True)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, pad_token_id=0, eos_token_id=1))
+    return tr, t5
+
+# %% ../nbs/90_test_utils.ipynb #703ec90b
+def tiny_pipeline(arch='sd15', # one of `SD_ARCHS`
+                  seed=0, # the weights depend only on this
+                  prediction='epsilon'): # the noise schedule's `prediction_type` ('epsilon' or 'v_prediction'; not for flux)
+    "A fresh tiny Stable Diffusion 1.5, SDXL or FLUX.1 pipeline, built from configs"
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    if arch not in SD_ARCHS: raise InputError(f'unknown tiny diffusion architecture {arch!r}', field='arch', value=arch, hint=f'use one of {", ".join(SD_ARCHS)}')
+    sched = DDPMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          prediction_type=prediction, clip_sample=False, steps_offset=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = tiny_clip_tokenizer()
+        parts = dict(unet=_tiny_unet(arch), vae=_tiny_vae(), scheduler=sched, tokenizer=tok, text_encoder=CLIPTextModel(_clip_config(tok)))
+        if arch == 'flux': return _flux_pipeline(parts)
+        if arch == 'sd15': return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+        return StableDiffusionXLPipeline(tokenizer_2=tiny_clip_tokenizer(), text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok)), **parts)
+
+def _flux_pipeline(parts):
+    "FLUX.1's parts: a flow-matching schedule, a 16-channel-in transformer (4 latent channels, packed 2x2), CLIP and T5"
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    tok2 = tiny_t5_tokenizer()
+    tr, t5 = _tiny_flux(tok2)
+    vae = parts['vae']; vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=parts['text_encoder'], tokenizer=parts['tokenizer'],
+                        text_encoder_2=t5, tokenizer_2=tok2, transformer=tr)
+
+# %% ../nbs/90_test_utils.ipynb #c3cc10eb
+def tiny_pipeline_dir(path, # folder to create (or reuse)
+                      arch='sd15', # one of `SD_ARCHS`
+                      seed=0, prediction='epsilon' # passed to `tiny_pipeline`
+                     ) -> Path:
+    "Save a tiny diffusers pipeline to `path`, loadable with `DiffusionPipeline.from_pretrained`; reused if intact"
+    path, key = Path(path), dict(arch=arch, seed=seed, prediction=prediction, version=_TINY_VERSION, kind='diffusers')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.parent/f'.{path.name}.lock'):
+        if _intact(path, key): return path
+        if path.exists() and not (path/_MANIFEST).exists() and (not path.is_dir() or any(path.iterdir())):
+            raise InputError('exists and is not a tiny model folder', file=path, hint='pass a new or empty folder')
+        pipe = tiny_pipeline(arch, seed, prediction)
+        with atomic_dir(path, overwrite=True) as tmp:
+            pipe.save_pretrained(tmp)
+            files = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob('*')) if f.is_file()}
+            (tmp/_MANIFEST).write_text(json.dumps(dict(key=key, files=files), indent=1))
+    return path
+
+# %% ../nbs/90_test_utils.ipynb #2a6ceb04
+_COLORS = dict(red=(220, 30, 30), green=(30, 180, 60), blue=(30, 60, 220), yellow=(230, 210, 40), purple=(140, 40, 180), white=(245, 245, 245))
+_SHAPES = dict(square=(128, 128), tall=(96, 160), wide=(160, 96))
+
+def write_sample_images(folder, # folder to write (created)
+                        n=4, # images
+                        seed=0) -> Path:
+    "`n` PNG images (colored, with a square of another color) and `.txt` captions in `folder`"
+    from PIL import Image, ImageDraw
+    rng, folder = random.Random(seed), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (bg, fg), shape = rng.sample(sorted(_COLORS), 2), sorted(_SHAPES)[i % len(_SHAPES)]
+        w, h = _SHAPES[shape]
+        im = Image.new('RGB', (w, h), _COLORS[bg])
+        ImageDraw.Draw(im).rectangle([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=_COLORS[fg])
+        buf = io.BytesIO(); im.save(buf, format='PNG')
+        atomic_write(folder/f'img{i:03d}.png', buf.getvalue())
+        atomic_write(folder/f'img{i:03d}.txt', f'a {fg} square on {bg}, {shape}')
+    return folder
