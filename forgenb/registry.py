@@ -13,9 +13,9 @@ from .core import Workspace, InputError, atomic_write, safe_name, sha256_file
 import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 
 # %% auto #0
-__all__ = ['ALIASES', 'LINEAGE_KEY', 'parse_ref', 'model_name', 'lineage', 'stamp_lineage', 'read_lineage', 'register',
-           'get_version', 'versions', 'names', 'activate', 'rollback', 'archive', 'set_metrics', 'check_files', 'load',
-           'Registry']
+__all__ = ['ALIASES', 'LINEAGE_KEY', 'WEIGHT_FILES', 'parse_ref', 'model_name', 'lineage', 'stamp_lineage', 'read_lineage',
+           'register', 'get_version', 'versions', 'names', 'activate', 'rollback', 'archive', 'set_metrics',
+           'check_files', 'load', 'Registry']
 
 # %% ../nbs/51_registry.ipynb #150a8712
 ALIASES = ('active', 'previous')
@@ -66,10 +66,13 @@ def lineage(ws:Workspace, job:dict) -> dict:
 # %% ../nbs/51_registry.ipynb #01be52bf
 LINEAGE_KEY = 'forgenb.lineage'
 
+WEIGHT_FILES = ('adapter_model.safetensors', 'pytorch_lora_weights.safetensors')  # PEFT (language models), diffusers LoRA (image models)
+
 def _weights_file(path) -> Path:
-    f = Path(path)/'adapter_model.safetensors'
-    if not f.is_file(): raise InputError('no adapter_model.safetensors here', file=path, hint='point to a PEFT adapter folder (save_pretrained output)')
-    return f
+    for name in WEIGHT_FILES:
+        if (f := Path(path)/name).is_file(): return f
+    raise InputError(f'no adapter weights here ({" or ".join(WEIGHT_FILES)})', file=path,
+                     hint='point to a PEFT adapter folder or a diffusers LoRA folder (save_pretrained / save_lora_weights output)')
 
 def stamp_lineage(path, # a PEFT adapter folder
                   lin:dict) -> Path:
@@ -221,11 +224,11 @@ def _spec(ws, v):
 def load(ws:Workspace, ref:str,
          device='auto' # where to put the model: 'auto' = the GPU when there is one, None = where `load_base` leaves it
         ) -> tuple:
-    "`(model, tokenizer)` of version `ref`: the base with the adapter on top, in eval mode"
+    "`(model, tokenizer)` of version `ref`: the base with the adapter on top, in eval mode (`(pipeline, None)` for image models)"
     v = get_version(ws, ref)
     check_files(v)
     spec = _spec(ws, v)
-    if spec.kind != 'llm': return _load_other(spec, v)
+    if spec.kind != 'llm': return _load_other(spec, v, device)
     import torch
     from peft import PeftModel
     from forgenb.recipes.llm import load_base
@@ -237,13 +240,15 @@ def load(ws:Workspace, ref:str,
     if device is not None: model.to(device)  # a quantized base is placed by bitsandbytes when loaded
     return model, tok
 
-def _load_other(spec, v):
-    import importlib
-    from forgenb.run import RECIPES
-    rec = importlib.import_module(RECIPES[spec.kind])
-    if not hasattr(rec, 'load_pipeline'):
-        raise InputError(f"loading {spec.kind} versions is not available yet", field='ref', value=v['ref'], hint=f"the adapter is in {v['path']}")
-    return rec.load_pipeline(spec, v['path'])
+def _load_other(spec, v, device='auto'):
+    "`(pipeline, None)` of an image version: the diffusers pipeline with the LoRA loaded, as `pipe.load_lora_weights` users do"
+    import torch
+    from forgenb.run import recipe_for
+    pipe = recipe_for(spec.kind).load_pipeline(spec.model)
+    pipe.load_lora_weights(str(v['path']))
+    if device == 'auto': device = 'cuda' if torch.cuda.is_available() else None
+    if device is not None: pipe.to(device)
+    return pipe, None
 
 # %% ../nbs/51_registry.ipynb #257301dd
 def _bound(f):

@@ -119,3 +119,11 @@ def test_flux_job_trains_samples_and_exports_a_lora_that_loads(ws):
     kw = dict(gs=3.5, max_sequence_length=32)
     assert np.abs(_picture(ws.flux, **kw) - _picture(ws.flux, adapter, **kw)).max() > 0.01
     with pytest.raises(D.InputError, match='no kohya export'): D.export_kohya(adapter, ws.root/'flux.kohya.safetensors')
+
+def test_a_completed_image_job_is_a_model_version_that_loads(ws, straight):
+    from forgenb.registry import versions, read_lineage, load
+    v = [v for v in versions(ws) if v['job_id'] == straight['id']]
+    assert len(v) == 1 and v[0]['lineage']['kind'] == 'diffusion'
+    assert read_lineage(ws.run_dir(straight['id'])/'adapter')['job_id'] == straight['id']
+    pipe, tok = load(ws, v[0]['ref'], device=None)
+    assert tok is None and pipe.get_list_adapters()
