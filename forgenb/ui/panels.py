@@ -24,7 +24,7 @@ from .charts import LiveChart
 __all__ = ['POLLER', 'STATUS_COLORS', 'ACTIONS', 'ACTION_HELP', 'METRICS', 'IMAGE_SUFFIXES', 'CSS', 'Poller', 'Panel', 'badge',
            'duration', 'eta', 'progress', 'allowed', 'act', 'ActionBar', 'JobState', 'JobView', 'is_image', 'thumbnail',
            'attach', 'job_rows', 'jobs_html', 'JobsPanel', 'Field', 'JobForm', 'problems_html', 'dataset_rows',
-           'DatasetsPanel', 'image_grid_html', 'gpu_stats', 'system_stats', 'SystemPanel', 'Dashboard']
+           'DatasetsPanel', 'problem_rows', 'image_grid_html', 'gpu_stats', 'system_stats', 'SystemPanel', 'Dashboard']
 
 # %% ../../nbs/41_ui.panels.ipynb #32c4a78a
 class Poller:
@@ -726,7 +726,7 @@ def submit(self:JobForm, start:bool=True) -> str|None:
     if self.on_submit: self.on_submit(job_id)
     return job_id
 
-# %% ../../nbs/41_ui.panels.ipynb #2e83e66e
+# %% ../../nbs/41_ui.panels.ipynb #78b18a66
 def dataset_rows(ws) -> list[dict]:
     "The rows of the datasets table"
     return [dict(id=d['id'], kind=d['kind'], format=d['format'], rows=d['n_rows'], hash=d['content_hash'][:12],
@@ -742,11 +742,11 @@ def _table(rows, cols) -> str:
 class DatasetsPanel(Panel):
     "Datasets: the list, import from a path or an upload, the import report, a preview"
     def __init__(self, ws=None, on_import=None):
-        self._setup(ws, False); self.on_import, self.report_text, self.preview_rows = on_import, '', []
+        self._setup(ws, False); self.on_import, self.report_text, self.preview_rows, self.problems = on_import, '', [], []
         self.table, self.report, self.preview_box = W.HTML(), W.HTML(), W.HTML(layout=W.Layout(max_height='400px', overflow='auto'))
         self.table.add_class('forgenb-datasets-table')
         lay = dict(style=dict(description_width='90px'), layout=W.Layout(width='560px'))
-        self.path, self.name = W.Text(description='file', placeholder='/path/to/data.jsonl (jsonl, json, csv, tsv, parquet)', **lay), W.Text(description='name', placeholder='default: the file name', **lay)
+        self.path, self.name = W.Text(description='path', placeholder='/path/to/data.jsonl (jsonl, json, csv, tsv, parquet) or a folder of images', **lay), W.Text(description='name', placeholder='default: the file or folder name', **lay)
         fmts = spec_schema()['$defs']['DataCfg']['properties']['format']['enum']  # the import's formats, without importing `datasets` yet
         self.format = W.Dropdown(description='format', options=fmts, **lay)
         self.upload = W.FileUpload(accept='.jsonl,.json,.csv,.tsv,.parquet,.txt', multiple=False, description='upload')
@@ -768,7 +768,7 @@ def refresh(self:DatasetsPanel):
 @patch
 def rows(self:DatasetsPanel) -> list[dict]: return dataset_rows(self.ws)
 
-# %% ../../nbs/41_ui.panels.ipynb #d11bd4a7
+# %% ../../nbs/41_ui.panels.ipynb #a7f69be1
 @patch
 def _uploaded(self:DatasetsPanel) -> Path|None:
     from forgenb.core import atomic_write, safe_name
@@ -776,25 +776,40 @@ def _uploaded(self:DatasetsPanel) -> Path|None:
     f = self.upload.value[0]
     return atomic_write(self.ws.root/'uploads'/safe_name(f['name'], 'file name'), bytes(f['content']))
 
+def problem_rows(e:InputError, root=None) -> list[dict]:
+    "One row per problem of `e` (an image folder's bad files): file (relative to `root`), kind, problem and fix"
+    def rel(f): return os.path.relpath(f, root) if root and f and Path(f).is_relative_to(root) else str(f)
+    return [dict(file=rel(p.file) + (f':{p.line}' if p.line is not None else ''), kind=getattr(p, 'kind', None), problem=p.msg, fix=p.hint)
+            for p in getattr(e, 'problems', None) or []]
+
+@patch
+def _refused(self:DatasetsPanel, e:InputError):
+    self.report_text, self.problems = str(e), problem_rows(e, e.file)
+    head = str(e).split('\n')[0] if self.problems else str(e)
+    self.report.value = (f'<pre style="color:#b00020;white-space:pre-wrap">{html.escape(head)}</pre>' +
+                         (_table(self.problems, ['file', 'kind', 'problem', 'fix']) if self.problems else ''))
+    self.say('import refused', 'error')
+
 @patch
 def do_import(self:DatasetsPanel) -> dict|None:
-    "Import the uploaded file, else the typed path; the dataset's ledger row"
-    from forgenb.data.text import import_text
+    "Import the uploaded file, else the typed path (a file or a folder of images); the dataset's ledger row"
+    from forgenb.cli import import_any, source_kind
+    self.problems = []
     try:
         src = self._uploaded() or (self.path.value.strip() and Path(self.path.value.strip()).expanduser())
         if not src: self.say('type a path or upload a file first', 'warning'); return None
-        rec = import_text(self.ws, src, name=self.name.value.strip() or None, format=self.format.value)
-    except InputError as e:
-        self.report_text = str(e); self.report.value = f'<pre style="color:#b00020;white-space:pre-wrap">{html.escape(str(e))}</pre>'
-        self.say('import refused', 'error'); return None
+        kw = dict(format=self.format.value) if source_kind(src) == 'text' else {}
+        rec = import_any(self.ws, src, name=self.name.value.strip() or None, **kw)
+    except InputError as e: self._refused(e); return None
     warns = (rec['stats'] or {}).get('warnings', [])
-    self.report_text = f"{rec['id']}: {rec['n_rows']} rows, format {rec['format']}" + ''.join(f'\nwarning: {w}' for w in warns)
+    what = f"{rec['n_rows']} images" if rec['kind'] == 'image' else f"{rec['n_rows']} rows, format {rec['format']}"
+    self.report_text = f"{rec['id']}: {what}" + ''.join(f'\nwarning: {w}' for w in warns)
     self.report.value = f'<pre style="white-space:pre-wrap">{html.escape(self.report_text)}</pre>'
     self.say(f"imported {rec['id']}", 'ok'); self.upload.value = (); self.refresh(); self.pick.value = rec['id']
     if self.on_import: self.on_import(rec)
     return rec
 
-# %% ../../nbs/41_ui.panels.ipynb #e157a98b
+# %% ../../nbs/41_ui.panels.ipynb #c6b93b27
 def image_grid_html(folder, n:int=12) -> str:
     "The first `n` images under `folder` as thumbnails (inline PNG) with their captions"
     import base64
@@ -807,6 +822,16 @@ def image_grid_html(folder, n:int=12) -> str:
                          f' style="max-width:160px"/><figcaption><small>{html.escape(p.name)}: {html.escape(cap)}</small></figcaption></figure>')
     return ''.join(cells)
 
+def _image_preview(ws, id, n) -> tuple[list[dict], str]:
+    "Rows (file, size, bucket, caption) and HTML of an imported image dataset: thumbnails, bucket histogram, warnings"
+    from forgenb.data.image import preview, BucketHistogram
+    from forgenb.cli import image_preview_rows
+    st = ws.ledger.get_dataset(id)['stats'] or {}
+    hist = BucketHistogram({k: v for k, v in (st.get('buckets') or {}).items() if v})
+    warns = ''.join(f'<li>{html.escape(w)}</li>' for w in st.get('warnings', []))
+    return image_preview_rows(ws, id, n), (preview(ws, id, n=n, resolution=st.get('resolution', 512))._repr_html_() +
+            f'<p>buckets at resolution {st.get("resolution")}</p>{hist.markdown() if hist else ""}' + (f'<ul>{warns}</ul>' if warns else ''))
+
 @patch
 def show_preview(self:DatasetsPanel, id, n:int=5):
     "Preview `n` rows of dataset `id`"
@@ -818,6 +843,7 @@ def show_preview(self:DatasetsPanel, id, n:int=5):
             from forgenb.data.text import preview
             p = preview(self.ws, id, n=n); self.preview_rows = [dict(row=r['row'], text=r['text'], trainable=r['trainable']) for r in p]
             self.preview_box.value = p._repr_html_()
+        elif (self.ws.dataset_dir(id)/'metadata.jsonl').is_file(): self.preview_rows, self.preview_box.value = _image_preview(self.ws, id, n)
         else: self.preview_box.value = image_grid_html(self.ws.dataset_dir(id), n) + f'<pre>{html.escape(json.dumps(rec["stats"], indent=1, default=str)[:3000])}</pre>'
     except InputError as e: self.preview_box.value = f'<pre style="color:#b00020">{html.escape(str(e))}</pre>'
 
