@@ -46,7 +46,7 @@ nbtest: env
 	$(BIN)/nbdev-test --n-workers 2
 
 pytest: env
-	$(BIN)/pytest -n 2 tests
+	$(BIN)/pytest -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) demo_workspace

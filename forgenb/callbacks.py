@@ -103,7 +103,8 @@ def after_loss(self:Recorder):
     learn = self.learn  # hot path: skip the attribute fall-through
     self._win.append(learn.loss)
     self._lr = learn.opt.param_groups[0]['lr']  # read before the step, so it is the lr this step uses
-    if learn.n_tokens is not None: self._toks.append(learn.n_tokens)
+    n = learn.batch.get('n_tokens') if isinstance(learn.batch, dict) else None  # real tokens, when the collator counts them
+    if (n := learn.n_tokens if n is None else n) is not None: self._toks.append(n)
     self._n_samples += _batch_size(learn.batch) or 0
 
 @patch

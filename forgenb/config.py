@@ -465,7 +465,7 @@ def _check_train(c):
     elif not 1e-6 <= t.lr <= 1e-3: yield _warn('train.lr', t.lr, f'learning rate {t.lr:g} is outside the usual LoRA range 1e-6 to 1e-3', 'try 1e-4 to 3e-4')
     eff = t.batch_size * t.grad_accum
     yield _info('train', eff, f'effective batch {eff} (batch_size {t.batch_size} x grad_accum {t.grad_accum})')
-    if eff < 4: yield _warn('train.grad_accum', t.grad_accum, f'effective batch {eff} gives noisy gradients', 'raise grad_accum (or batch_size) to reach 8-32')
+    if eff < 4 and c.spec.kind == 'llm': yield _warn('train.grad_accum', t.grad_accum, f'effective batch {eff} gives noisy gradients', 'raise grad_accum (or batch_size) to reach 8-32')  # image LoRAs train well at 1-4
     elif eff > 512: yield _warn('train.grad_accum', t.grad_accum, f'effective batch {eff} is very large: few optimizer steps per epoch', 'lower grad_accum to reach 8-128')
     if t.epochs and t.max_steps: yield _warn('train.epochs', t.epochs, f'both epochs and max_steps are set: max_steps ({t.max_steps}) governs', 'remove one of them')
     if t.max_steps:
@@ -549,6 +549,22 @@ def _check_extras(c):
     wrong = {'llm': ('kohya', 'diffusers'), 'diffusion': ('gguf', 'ollama')}[s.kind]
     if bad := [f for f in s.export.formats if f in wrong]:
         yield _err('export.formats', bad, f'{", ".join(bad)} export is for {"diffusion" if s.kind == "llm" else "language"} models', f'remove {", ".join(bad)}')
+
+@_check
+def _check_distributed(c):
+    d, bs, mem = c.spec.distributed, c.spec.train.batch_size, c.env['memory']
+    n, gpus = d.num_processes, len(mem.get('devices', [None])) if mem['device'] == 'cuda' else 0
+    if gpus and n > gpus: yield _err('distributed.num_processes', n, f'{n} processes need {n} GPUs but this machine shows {gpus}',
+                                     f'use at most {gpus} (or expose more GPUs through CUDA_VISIBLE_DEVICES)')
+    elif n > 1 and not gpus: yield _info('distributed.num_processes', n, f"no GPU: the job runs {n} CPU processes (gloo) on this machine's cores")
+    if n > 1 and bs % n: yield _err('train.batch_size', bs, f'the global batch of {bs} is split across {n} processes, so it must divide by {n}',
+                                    f'use {max(n, bs - bs % n)} or {bs + n - bs % n}')
+    if d.strategy == 'none' and n > 1: yield _err('distributed.strategy', 'none', f'strategy none trains in one process, but num_processes is {n}',
+                                                  'use auto (ddp) or fsdp, or num_processes: 1')
+    if d.strategy == 'fsdp' and n == 1: yield _warn('distributed.strategy', 'fsdp', 'fsdp in one process shards nothing: it trains as one plain process',
+                                                    'raise distributed.num_processes, or use auto')
+    if d.strategy == 'fsdp' and n > 1: yield _err('distributed.strategy', 'fsdp', "fsdp jobs are not supported yet: a checkpoint would hold only rank 0's shard of the optimizer",
+                                                  'use auto (ddp), or train with fsdp in your own script (forgenb.distributed.launch)')
 
 # %% ../nbs/01_config.ipynb #0c61f607
 def _resolve(ref):

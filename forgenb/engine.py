@@ -6,7 +6,7 @@ Docs: https://forgenb.github.io/forgenb/engine.html.md"""
 
 # %% ../nbs/10_engine.ipynb #8b072a03
 from __future__ import annotations
-import functools, math, random, re
+import functools, math, os, random, re
 from contextlib import contextmanager, nullcontext
 import numpy as np, torch
 from torch import nn
@@ -17,7 +17,8 @@ import accelerate.optimizer, accelerate.utils
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, FullyShardedDataParallelPlugin
 from fastcore.basics import camel2snake, patch
 from .core import EVENTS, InputError, CancelFitException, CancelEpochException, CancelBatchException
 from .core import CancelStepException, CancelBackwardException, CancelValidateException
@@ -150,7 +151,15 @@ def _make_accelerator(precision):
         raise InputError("precision 'fp16' needs a GPU (autocast + GradScaler)", field='precision', value=precision,
                          hint="use 'bf16' or 'fp32' on CPU")
     AcceleratorState._reset_state(); GradientState._reset_state()  # process-wide state: see the prose above
-    return Accelerator(cpu=cpu, mixed_precision=_PRECISIONS[precision])
+    acc = Accelerator(cpu=cpu, mixed_precision=_PRECISIONS[precision], dataloader_config=DataLoaderConfiguration(split_batches=True))
+    return _fsdp_on_cpu(acc)
+
+def _fsdp_on_cpu(acc:Accelerator) -> Accelerator:
+    "FSDP as `ACCELERATE_USE_FSDP` asks, for CPU processes too (accelerate honours it on GPUs only)"
+    if acc.distributed_type == DistributedType.MULTI_CPU and os.environ.get('ACCELERATE_USE_FSDP', '').lower() == 'true':
+        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its settings from the FSDP_* variables
+        acc.state.distributed_type = PartialState._shared_state['distributed_type'] = DistributedType.FSDP  # where accelerate keeps it
+    return acc
 
 # %% ../nbs/10_engine.ipynb #b0dae287
 def _hf_loss(model, batch): return model(**batch).loss
@@ -190,12 +199,14 @@ class Learner:
         self.step = self.epoch = self.batch_idx = self._n_done = 0
         self._open = False
         self.batch = self.loss = self.loss_grad = self.n_tokens = self.grad_norm = self.valid_loss = self._last_eval = None
+        self.window_loss = self._win = None
         self.cbs = []
         self.add_cbs(cbs or [])
 
     def _prepare_model(self, model, opt, sched):
         acc = self.accelerator
         if isinstance(opt, Optimizer): self.model, self.opt = acc.prepare(model, opt)
+        elif acc.is_fsdp2: self.model, self.opt = acc.prepare(model, (opt or make_optimizer)(model))  # FSDP2 rewires the opt's params
         else:
             self.model = acc.prepare(model)
             self.opt = acc.prepare((opt or make_optimizer)(self.model))
@@ -314,7 +325,9 @@ def _batch_done(self:Learner): self._n_done, self._open = self.batch_idx + 1, Fa
 
 @patch
 def _do_batch(self:Learner):
-    if self.batch_idx % self.grad_accum == 0: _zero_grad(self.opt); self._skip_step = False
+    if self.batch_idx % self.grad_accum == 0:
+        _zero_grad(self.opt); self._skip_step, self._win, self.window_loss = False, None, None
+        if self.accelerator.num_processes > 1: self._reseed()
     self._open = True
     self.loss_grad, self.n_tokens = _split_loss(self.loss_func(self.model, self.batch))
     self.loss = self.loss_grad.detach()
@@ -326,14 +339,45 @@ def _do_batch(self:Learner):
 
 @patch
 def _backward(self:Learner):
-    w = self._window_size
     with nullcontext() if self._window_end else self.accelerator.no_sync(self.model):  # DDP: sync once per window
-        self.accelerator.backward(self.loss_grad if w == 1 else self.loss_grad / w)  # x/1 would add an autograd node
+        self.accelerator.backward(self._micro_loss())
+
+@patch
+def _micro_loss(self:Learner):
+    "This micro-batch's share of the window: its token sum (divided at the step), else its mean / window size"
+    if self.n_tokens is None:
+        w = self._window_size
+        return self.loss_grad if w == 1 else self.loss_grad / w  # x/1 would add an autograd node
+    n, s = self.n_tokens, self.loss.float() * self.n_tokens  # n: an int (host) or a tensor (device), never copied between
+    self._win = (s, n) if self._win is None else (self._win[0] + s, self._win[1] + n)
+    return self.loss_grad * n
+
+@patch
+def _token_mean(self:Learner):
+    "Scale the window's summed-token gradients to the mean over all processes' tokens (one all-reduce)"
+    if self._win is None: return
+    (s, n), world = self._win, self.accelerator.num_processes
+    if world > 1:  # torch.full fills on the device: a host count needs no (syncing) copy
+        n = n.float() if torch.is_tensor(n) else torch.full((), n, dtype=torch.float, device=s.device)
+        s, n = self.accelerator.reduce(torch.stack([s, n]), 'sum')
+    n = n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)  # a window without a single loss token has zero gradients, not NaN
+    self.window_loss = s / n
+    if gs := [p.grad for p in self._params if p.grad is not None]: torch._foreach_mul_(gs, world / n)
+
+@patch
+def _reseed(self:Learner):
+    "Seed torch from `(seed, step, rank)`: with N processes, a window's randomness needs no saved state to resume"
+    torch.manual_seed(hash((getattr(self._sampler, 'seed', 0) or 0, self.step, self.accelerator.process_index)) & (2**63 - 1))
+
+def _plain(t):
+    "A tensor from FSDP2's replicated `DTensor` grad norm (others as they are)"
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
 
 @patch
 def _step(self:Learner):
     if not self._window_end or self._skip_step: return
-    self.grad_norm = self.accelerator.clip_grad_norm_(self._params, self.max_grad_norm or math.inf)
+    self._token_mean()
+    self.grad_norm = _plain(self.accelerator.clip_grad_norm_(self._params, self.max_grad_norm or math.inf))
     self.opt.step()
     if self.sched is not None and not self.accelerator.optimizer_step_was_skipped: self.sched.step()
     self.step += 1

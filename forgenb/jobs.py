@@ -15,8 +15,8 @@ from .config import deep_merge, dump_spec, expand_dots, load_spec, spec_hash, va
 from .ledger import FINAL, STATUSES, Ledger
 
 # %% auto #0
-__all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new_job_id', 'create_job', 'submit', 'claim',
-           'queue', 'process_alive', 'requeue', 'reconcile', 'get_job', 'list_jobs', 'job_stats', 'log_tail',
+__all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new_job_id', 'create_job', 'submit', 'n_processes',
+           'claim', 'queue', 'process_alive', 'requeue', 'reconcile', 'get_job', 'list_jobs', 'job_stats', 'log_tail',
            'metrics_history', 'job_events', 'job_checkpoints', 'job_samples', 'settled', 'wait_job', 'wait_command',
            'stop', 'pause', 'resume', 'save_now', 'sample_now', 'eval_now', 'kill', 'clone', 'retry', 'delete_job',
            'scheduler_status', 'gpu_ids', 'worker', 'ensure_scheduler', 'validate_job', 'loss_table', 'plot_losses',
@@ -103,12 +103,20 @@ def _move(led:Ledger, job_id, status, reason, expect=None, unchanged=None, event
     return True
 
 # %% ../nbs/30_jobs.ipynb #f75ba50f
-def claim(ws, gpus:list|None=None) -> dict|None:
-    "Take the next queued job (highest priority, then oldest): it becomes `starting`; None when none is queued"
+def n_processes(spec:dict|None) -> int:
+    "The processes (GPUs) a job's spec asks for: `distributed.num_processes`, 1 by default"
+    return int(((spec or {}).get('distributed') or {}).get('num_processes') or 1)
+
+def claim(ws, gpus:list|None=None, # the GPUs the job gets...
+          free:list|None=None) -> dict|None: # ...or the free GPUs, of which it takes as many as it has processes
+    "Take the next queued job (highest priority, then oldest): it becomes `starting`; None when none is queued (or fits `free`)"
     led = _ws(ws).ledger
     with led.tx() as con:
-        r = con.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, id LIMIT 1").fetchone()
+        r = con.execute("SELECT id, spec FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, id LIMIT 1").fetchone()
         if r is None: return None
+        if free is not None:
+            if (n := n_processes(json.loads(r[1]) if r[1] else None)) > len(free): return None  # it waits: the queue keeps its order
+            gpus = free[:n]
         _move(led, r[0], 'starting', f'claimed by the scheduler (pid {os.getpid()} on {HOST})', expect='queued',
               gpus=list(gpus or []), pid=None, host=HOST, heartbeat_at=None, error=None)
     return led.get_job(r[0])
@@ -558,11 +566,20 @@ def _claims(ws, max_parallel) -> list[dict]:
     n = (max_parallel or max(len(gpus), 1)) - len(busy)
     used = {g for j in busy for g in (j['gpus'] or [])}
     free = [g for g in gpus if g not in used]
+    if gpus: _fail_too_big(ws, gpus)
     out = []
-    for i in range(min(n, len(free)) if gpus else n):
-        if (job := claim(ws, [free[i]] if gpus else [])) is None: break
+    while len(out) < n:
+        if (job := claim(ws, free=free) if gpus else claim(ws)) is None: break
+        free = [g for g in free if g not in job['gpus']]
         out.append(job)
     return out
+
+def _fail_too_big(ws, gpus):
+    "Fail queued jobs that ask for more GPUs than the machine has: they would wait forever"
+    for j in queue(ws):
+        if (n := n_processes(j['spec'])) > len(gpus):
+            _move(ws.ledger, j['id'], 'failed', f'asks for {n} GPUs of {len(gpus)}', expect='queued',
+                  error=f'the job asks for {n} processes (one per GPU) but this machine has {len(gpus)} GPU(s): lower distributed.num_processes')
 
 def _on_term(*a): raise KeyboardInterrupt()  # SIGTERM ends the loop like Ctrl-C
 

@@ -59,7 +59,8 @@ def _finish(ws, job_id, learn, setup, started) -> dict:
     reason = getattr(learn, 'stop_reason', None)
     status = {'stopped': 'stopped', 'paused': 'paused'}.get(reason, 'completed')
     adapter = None
-    if status != 'paused': adapter = save_adapter(setup.model, ws.run_dir(job_id)/'adapter', setup.pissa_init)
+    if status != 'paused' and learn.accelerator.is_main_process:  # with N processes, rank 0 writes
+        adapter = save_adapter(setup.model, ws.run_dir(job_id)/'adapter', setup.pissa_init)
     h = learn.recorder.history
     result = dict(step=learn.step, adapter=None if adapter is None else str(adapter), seconds=round(time.time()-started, 1),
                   train_loss=_last(h, 'train/loss'), valid_loss=_last(h, 'valid/loss'), facts=setup.facts)
@@ -68,7 +69,8 @@ def _finish(ws, job_id, learn, setup, started) -> dict:
 
 def _register(ws, job) -> dict:
     "Register a completed job as a model version; a failure becomes an event, never a failed job"
-    if job['status'] != 'completed': return job
+    from forgenb.distributed import is_main
+    if job['status'] != 'completed' or not is_main(): return job  # with N processes, rank 0 registers and exports
     try:
         from forgenb.registry import register
         register(ws, job['id'])
@@ -129,8 +131,12 @@ def train(spec, # a `JobSpec`, a dict, or a YAML/JSON file
           name=None, # the job's name (default: the spec's)
           progress='auto', # 'auto', 'bar', 'lines' or 'off'
           cbs=None) -> dict: # more callbacks, e.g. your own metrics
-    "Validate, record and run `spec` in this process; the job's row when it ends"
+    "Validate, record and run `spec` in this process (or its `distributed.num_processes`); the job's row when it ends"
     from forgenb.jobs import create_job
+    from forgenb.distributed import run_distributed
     ws = (ws if isinstance(ws, Workspace) else Workspace(ws) if ws else Workspace()).ensure()
+    n = load_spec(spec).distributed.num_processes
+    if n > 1 and cbs: raise InputError(f'callbacks cannot travel to the {n} processes of a distributed job', field='cbs',
+                                       hint='drop cbs, or set distributed.num_processes: 1')
     job = create_job(ws, spec, name=name, status='starting', pid=os.getpid(), host=HOST)
-    return run_job(ws, job['id'], progress=progress, cbs=cbs)
+    return run_job(ws, job['id'], progress=progress, cbs=cbs) if n == 1 else run_distributed(ws, job['id'], progress=progress)

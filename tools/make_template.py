@@ -59,9 +59,11 @@ print(f"adapter  {job['spec']['lora']['method']} r={job['spec']['lora']['r']} al
 
 Metrics, checkpoints and samples go to the workspace ledger as the job runs, so any notebook can
 follow it (`forgenb.jobs.metrics_history(ws, job_id)`, `forgenb.jobs.log_tail(ws, job_id)`). The job
-obeys stop, pause and resume commands between steps (`forgenb.jobs.stop(ws, job_id)`, ...)."""),
-('code', 'train', """from forgenb.run import run_job
-summary = run_job(ws, job_id, progress='lines')"""),
+obeys stop, pause and resume commands between steps (`forgenb.jobs.stop(ws, job_id)`, ...).
+With `distributed.num_processes` above 1 the cell starts that many processes through torchrun, one
+per GPU the scheduler gave the job; their output shows below, and rank 0 alone writes the ledger."""),
+('code', 'train', """from forgenb.distributed import run_distributed
+summary = run_distributed(ws, job_id, progress='lines')  # N processes (torchrun) when distributed.num_processes > 1"""),
 ('md', 'summary-md', """## Summary"""),
 ('code', 'status', """job = jobs.get_job(ws, job_id)
 print(f"{job['status']} at step {job['step']}" + (f" of {job['n_step']}" if job['n_step'] else '')

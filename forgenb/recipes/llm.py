@@ -256,8 +256,12 @@ def prepare_data(ws:Workspace, cfg:DataCfg, tokenizer, seed=0) -> TextData:
     return TextData(id, train, valid, vrows, dict(train=n_tr, valid=n_va), 'messages' in ds.column_names)
 
 # %% ../../nbs/20_recipes.llm.ipynb #6f7abd09
+def _n_labels(exs) -> int:
+    "Tokens the loss is a mean over: labels that are not -100, after the one-token shift"
+    return sum(sum(l != -100 for l in e['labels'][1:]) for e in exs)
+
 class PadCollator:
-    "Right-padded batches: pad ids, labels -100 on pads, an attention mask (when something is padded) and `n_tokens`"
+    "Right-padded batches: pad ids, labels -100 on pads, an attention mask (when something is padded), `n_tokens` and `n_labels`"
     def __init__(self, pad_id:int): self.pad_id = pad_id
     def __call__(self, exs:list) -> dict:
         ids = [torch.tensor(e['input_ids']) for e in exs]
@@ -265,14 +269,14 @@ class PadCollator:
         b = dict(input_ids=pad_sequence(ids, batch_first=True, padding_value=self.pad_id),
                  labels=pad_sequence([torch.tensor(e['labels']) for e in exs], batch_first=True, padding_value=-100))
         if min(lens) != max(lens): b['attention_mask'] = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
-        return {**b, 'n_tokens': sum(lens)}
+        return {**b, 'n_tokens': sum(lens), 'n_labels': _n_labels(exs)}
 
 class PackCollator:
     "Padding-free batches: one row, positions restarting per example, boundaries as `cu_seq_lens_*` and `seq_lens`"
     def __init__(self): self.flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     def __call__(self, exs:list) -> dict:
         lens = tuple(len(e['input_ids']) for e in exs)
-        return {**self.flat(exs), 'seq_lens': lens, 'n_tokens': sum(lens)}
+        return {**self.flat(exs), 'seq_lens': lens, 'n_tokens': sum(lens), 'n_labels': _n_labels(exs)}
 
 def make_collator(tokenizer, packing=False):
     "Padding, or padding-free packing (one row per batch, positions restarting per example)"
@@ -412,10 +416,11 @@ def _no_logits(dev):
 def _attn(model) -> str: return extract_model_from_parallel(model).config._attn_implementation
 
 def causal_lm_loss(model, batch:dict) -> tuple:
-    "Mean cross-entropy over the batch's trainable tokens (chunked, without full logits) and its number of real tokens"
+    "Mean cross-entropy over the batch's trainable tokens (chunked, without full logits) and how many there are"
     b = dict(batch)
-    n, y = b.pop('n_tokens', None), b.pop('labels')
-    if n is None: n = b['attention_mask'].sum() if 'attention_mask' in b else b['input_ids'].numel()
+    b.pop('n_tokens', None)
+    n, y = b.pop('n_labels', None), b.pop('labels')
+    if n is None: n = (y[:, 1:] != -100).sum()  # stays on the device: no sync
     if 'seq_lens' in b and _attn(model) == 'sdpa_varlen': b['attention_mask'] = torch.ones_like(b['input_ids'])  # see above
     if (head := _fused_head(model)) is None: return model(**b, labels=y, use_cache=False).loss, n
     tap = _tap(model)

@@ -1,0 +1,17 @@
+"""Test-run plumbing shared by every test file.
+
+A file whose tests share an expensive module-scoped fixture of its own (a Jupyter server, tiny pipelines, a
+trained job, a torchrun launch) keeps its tests on one pytest-xdist worker (`--dist loadgroup`): otherwise each
+worker builds the fixture again, doubling the work and running two copies of it at the same time (two torchrun
+launches, two servers).
+"""
+import pytest
+
+def _own_wide_fixture(item) -> bool:
+    mod = item.getparent(pytest.Module).nodeid
+    return any(d.scope in ('module', 'session', 'package') and d.baseid == mod
+               for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _own_wide_fixture(item): item.add_marker(pytest.mark.xdist_group(item.getparent(pytest.Module).nodeid))
