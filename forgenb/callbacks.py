@@ -292,6 +292,7 @@ def _metrics(self:CheckpointCallback) -> dict:
     m = {}
     if isinstance(rec := getattr(self.learn, 'recorder', None), Recorder):
         rec.log()
+        rec.flush()  # metrics up to this step are in the ledger before the checkpoint exists: a run resumed from it has no gap
         m = {k: v for k, v in rec.last.items() if k.startswith('train/')}
     if self.learn._last_eval == self.step and self.valid_loss is not None:
         m.update({'valid/loss': self.valid_loss, 'valid/ppl': _ppl(self.valid_loss)})

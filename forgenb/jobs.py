@@ -20,7 +20,7 @@ __all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new
            'metrics_history', 'job_events', 'job_checkpoints', 'job_samples', 'settled', 'wait_job', 'wait_command',
            'stop', 'pause', 'resume', 'save_now', 'sample_now', 'eval_now', 'kill', 'clone', 'retry', 'delete_job',
            'scheduler_status', 'gpu_ids', 'worker', 'ensure_scheduler', 'validate_job', 'loss_table', 'plot_losses',
-           'samples_table', 'checkpoints_table', 'show_job', 'follow_log']
+           'samples_table', 'samples_html', 'checkpoints_table', 'show_job', 'follow_log']
 
 # %% ../nbs/30_jobs.ipynb #cb5ed829
 CURRENT = ('queued', 'starting', 'running', 'paused', 'stopping')  # the job is waiting or under way
@@ -682,7 +682,7 @@ def loss_table(ws, job_id, n=12, width=40) -> str:
     rows += [f"{s:>7}  {v:>10.4f}  {'' if va.get(s) is None else format(va[s], '.4f'):>10}  {bar(v)}" for s, v in tr]
     return '\n'.join(rows)
 
-# %% ../nbs/30_jobs.ipynb #59a1f2de
+# %% ../nbs/30_jobs.ipynb #8742f0f4
 def plot_losses(ws, job_id, max_points=500):
     "A matplotlib figure of the job's training and validation loss; None if matplotlib is not installed"
     try: import matplotlib.pyplot as plt
@@ -695,12 +695,28 @@ def plot_losses(ws, job_id, max_points=500):
     return fig
 
 def samples_table(ws, job_id) -> list[dict]:
-    "Per prompt: the first and the last sample, with their steps"
+    "Per prompt: the first and the last sample (text, or an image's path), with their steps and kind"
     rows = {}
     for s in job_samples(ws, job_id):
-        r = rows.setdefault(s['prompt'], dict(prompt=s['prompt'], first_step=s['step'], first=s['output']))
-        r.update(last_step=s['step'], last=s['output'])
+        out = s['output'] if s['kind'] != 'image' else s['path']
+        r = rows.setdefault(s['prompt'], dict(prompt=s['prompt'], kind=s['kind'], first_step=s['step'], first=out))
+        r.update(last_step=s['step'], last=out)
     return list(rows.values())
+
+def _img(path, width) -> str:
+    import base64, html
+    p = Path(path)
+    if not p.is_file(): return f'<i>missing: {html.escape(str(p))}</i>'
+    return f'<img width="{width}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"/>'
+
+def samples_html(rows:list[dict], width=192) -> str|None:
+    "An HTML table of the image samples in `rows` (of `samples_table`), pictures embedded; None when there are none"
+    import html
+    imgs = [r for r in rows if r.get('kind') == 'image']
+    if not imgs: return None
+    cells = ''.join(f"<tr><td>{html.escape(r['prompt'])}</td><td>step {r['first_step']}<br>{_img(r['first'], width)}</td>"
+                    f"<td>step {r['last_step']}<br>{_img(r['last'], width)}</td></tr>" for r in imgs)
+    return f'<table><tr><th>prompt</th><th>first</th><th>last</th></tr>{cells}</table>'
 
 def checkpoints_table(ws, job_id) -> list[dict]:
     "The job's checkpoints: step, kind, losses, folder"

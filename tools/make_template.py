@@ -82,7 +82,10 @@ def table(rows, cols):
     return Markdown('\\n'.join(['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
                               + ['| ' + ' | '.join(cell(r.get(c)) for c in cols) + ' |' for r in rows]))"""),
 ('md', 'samples-md', """### Samples: the first and the last"""),
-('code', 'samples', """table(jobs.samples_table(ws, job_id), ['prompt', 'first_step', 'first', 'last_step', 'last'])"""),
+('code', 'samples', """from IPython.display import HTML
+rows = jobs.samples_table(ws, job_id)
+html = jobs.samples_html(rows)  # image jobs: the pictures themselves
+HTML(html) if html else table(rows, ['prompt', 'first_step', 'first', 'last_step', 'last'])"""),
 ('md', 'checkpoints-md', """### Checkpoints"""),
 ('code', 'checkpoints', """table(jobs.checkpoints_table(ws, job_id), ['step', 'kind', 'train_loss', 'valid_loss', 'path'])"""),
 ]
