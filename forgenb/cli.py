@@ -12,7 +12,7 @@ from .core import Workspace, InputError
 import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 
 # %% auto #0
-__all__ = ['IMPORT_KW', 'EXPORT_FLAGS', 'table', 'workspace_info', 'cmd_workspace', 'source_kind', 'import_any',
+__all__ = ['IMPORT_KW', 'EXPORT_FLAGS', 'SET', 'table', 'workspace_info', 'cmd_workspace', 'source_kind', 'import_any',
            'cmd_datasets_import', 'cmd_datasets_list', 'image_preview_rows', 'cmd_datasets_show', 'cmd_datasets_delete',
            'cmd_presets_list', 'cmd_presets_show', 'cmd_presets_save', 'cmd_presets_delete', 'cmd_models_list',
            'cmd_models_search', 'cmd_models_add', 'cmd_models_remove', 'cmd_models_check', 'cmd_validate', 'cmd_train',
@@ -198,7 +198,7 @@ def cmd_datasets_delete(args, ws):
     else: from forgenb.data.text import delete_dataset
     delete_dataset(ws, args.id); _out(args, {'deleted': args.id}); return 0
 
-# %% ../nbs/70_cli.ipynb #4af849e6
+# %% ../nbs/70_cli.ipynb #0bb66e5e
 def cmd_presets_list(args, ws):
     from forgenb.presets import list_presets
     _out(args, list_presets(ws)); return 0
@@ -244,7 +244,7 @@ def cmd_models_check(args, ws):
 def cmd_validate(args, ws):
     "Errors make the exit status 1; warnings alone do not"
     from forgenb.config import load_spec, validate
-    try: spec = load_spec(args.spec)
+    try: spec = load_spec(_spec_arg(args))
     except InputError as e:
         if not getattr(e, 'problems', None): raise
         _out(args, {'ok': False, 'errors': [p.to_dict() for p in e.problems]} if args.json else str(e)); return 1
@@ -253,7 +253,7 @@ def cmd_validate(args, ws):
     else: print(rep)
     return 0 if rep.ok else 1
 
-# %% ../nbs/70_cli.ipynb #4f2fc8e4
+# %% ../nbs/70_cli.ipynb #64bd46b1
 def _summary(ws, job) -> dict:
     r = job.get('result') or {}
     return dict(job=job['id'], status=job['status'], step=job['step'], train_loss=r.get('train_loss'),
@@ -262,7 +262,7 @@ def _summary(ws, job) -> dict:
 
 def cmd_train(args, ws):
     from forgenb.run import train
-    job = train(args.spec, ws, name=args.name, progress='off' if args.json else 'auto')
+    job = train(_spec_arg(args), ws, name=args.name, progress='off' if args.json else 'auto')
     _out(args, _summary(ws, job)); return 0
 
 # %% ../nbs/70_cli.ipynb #5c16a991
@@ -333,10 +333,10 @@ def _brief(job, **more) -> dict:
     "A job's row for one job's output: no empty fields"
     return {k: v for k, v in (_job_row(job) | more).items() if v is not None}
 
-# %% ../nbs/70_cli.ipynb #9420ae0f
+# %% ../nbs/70_cli.ipynb #0c545855
 def cmd_submit(args, ws):
     from forgenb.jobs import submit, get_job, scheduler_status
-    job = get_job(ws, submit(ws, args.spec, name=args.name, priority=args.priority, start=not args.no_start))
+    job = get_job(ws, submit(ws, _spec_arg(args), name=args.name, priority=args.priority, start=not args.no_start))
     sched = 'running' if scheduler_status(ws)['running'] else 'starting' if not args.no_start else 'none: run `forgenb worker`'
     _out(args, _brief(job, scheduler=sched)); return 0
 
@@ -434,7 +434,7 @@ def cmd_kill(args, ws):
     from forgenb.jobs import kill
     _out(args, kill(ws, args.job)); return 0
 
-# %% ../nbs/70_cli.ipynb #202635c4
+# %% ../nbs/70_cli.ipynb #bd953a78
 def _sets(pairs) -> dict:
     "`--set key=value` pairs as dotted overrides, each value read as YAML"
     import yaml
@@ -445,6 +445,12 @@ def _sets(pairs) -> dict:
             raise InputError(f'bad --set {p!r}', field='--set', hint='write it as KEY=VALUE with a dotted key, e.g. --set train.max_steps=500')
         out[k.strip()] = yaml.safe_load(v)
     return out
+
+def _spec_arg(args):
+    "The spec file of `args`, with its `--set` changes applied when there are any"
+    if not getattr(args, 'set', None): return args.spec
+    from forgenb.config import _read_spec, deep_merge, expand_dots
+    return deep_merge(_read_spec(args.spec)[0], expand_dots(_sets(args.set)))
 
 def cmd_clone(args, ws):
     from forgenb.jobs import clone, get_job
@@ -619,7 +625,9 @@ def cmd_attach(args, ws):
     code = f'import forgenb\nforgenb.attach({args.job!r}{_ws_arg(args, ws)})'
     return _write_launcher(args, launcher(code, f'job {args.job}'), args.out or f'{args.job}.ipynb')
 
-# %% ../nbs/70_cli.ipynb #af76359c
+# %% ../nbs/70_cli.ipynb #7bf158ba
+SET = (('--set',), dict(action='append', metavar='KEY=VALUE', help='change a spec field, e.g. train.lr=1e-4 (repeat)'))
+
 def _jobs_parsers(sub):
     "The job subcommands"
     job = (('job',), dict(help='job id (see `forgenb jobs`)'))
@@ -627,7 +635,7 @@ def _jobs_parsers(sub):
             (('--timeout',), dict(type=float, default=60., help='seconds to wait for the acknowledgement (default 60)'))]
     no_start = (('--no-start',), dict(action='store_true', help='do not start a scheduler (run `forgenb worker` yourself)'))
     _sub(sub, 'submit', cmd_submit, 'validate a job spec and queue it; a detached scheduler runs it', [
-        (('spec',), dict(help='JOB.yaml')), (('--name',), dict(help="the job's name (default: the spec's)")),
+        (('spec',), dict(help='JOB.yaml')), SET, (('--name',), dict(help="the job's name (default: the spec's)")),
         (('--priority',), dict(type=int, default=0, help='higher runs first; equal priorities run in submission order')), no_start])
     _sub(sub, 'jobs', cmd_jobs, 'list jobs, newest first', [
         (('--status',), dict(help="'current', 'past', 'all', or statuses separated by commas (queued,running,...)")),
@@ -646,7 +654,7 @@ def _jobs_parsers(sub):
     _sub(sub, 'eval-now', cmd_eval_now, 'ask a running job to run its validation now', [job, *wait])
     _sub(sub, 'kill', cmd_kill, "kill a job's process at once (no checkpoint), for a job that does not answer stop", [job])
     _sub(sub, 'clone', cmd_clone, "a new job from a job's spec, with changes", [
-        job, (('--set',), dict(action='append', metavar='KEY=VALUE', help='change a spec field, e.g. train.lr=1e-4 (repeat)')),
+        job, SET,
         (('--name',), {}), (('--priority',), dict(type=int)), no_start])
     _sub(sub, 'retry', cmd_retry, "run a finished job's spec again from the start, as a new job", [job, no_start])
     _sub(sub, 'delete', cmd_delete, 'delete a job no process runs, with its files', [job])
@@ -703,7 +711,7 @@ def _server_parsers(sub):
     _sub(sub, 'attach', cmd_attach, "write a notebook that opens one job's live page", [
         (('job',), dict(help='job id')), (('--out',), dict(help='notebook to write (default JOB.ipynb)')), force])
 
-# %% ../nbs/70_cli.ipynb #c8987524
+# %% ../nbs/70_cli.ipynb #c5bb8173
 def _parser():
     from forgenb import __version__
     p = argparse.ArgumentParser(prog='forgenb', description='LoRA fine-tuning from Jupyter: the command line.')
@@ -712,8 +720,8 @@ def _parser():
     _sub(sub, 'workspace', cmd_workspace, 'where the workspace is and what it holds')
     _sub(sub, 'demo', cmd_demo, 'the embedded default: train the tiny-cpu-demo preset on a tiny model and the sample data, on CPU')
     _sub(sub, 'train', cmd_train, 'train a job spec (YAML or JSON) in the foreground', [
-        (('spec',), dict(help='JOB.yaml')), (('--name',), dict(help="the job's name (default: the spec's)"))])
-    _sub(sub, 'validate', cmd_validate, 'check a job spec (YAML or JSON): errors and warnings', [(('spec',), dict(help='JOB.yaml'))])
+        (('spec',), dict(help='JOB.yaml')), SET, (('--name',), dict(help="the job's name (default: the spec's)"))])
+    _sub(sub, 'validate', cmd_validate, 'check a job spec (YAML or JSON): errors and warnings', [(('spec',), dict(help='JOB.yaml')), SET])
     _jobs_parsers(sub)
     _registry_parsers(sub)
     _server_parsers(sub)
