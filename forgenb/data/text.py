@@ -659,40 +659,42 @@ def import_text(ws:Workspace, src, name=None, format='auto', columns=None, token
                 return led.add_dataset(id, 'text', info['format'], ws.dataset_dir(id), len(norm), h, source=src, stats=stats,
                                        meta={k: man[k] for k in ('rows_as', 'columns', 'column_map', 'source', 'forgenb_version')})
 
-# %% ../../nbs/03_data.text.ipynb #cf484bce
+# %% ../../nbs/03_data.text.ipynb #e3575e51
 def list_datasets(ws:Workspace) -> list[dict]:
     "The text datasets of the workspace, newest first"
     return ws.ledger.list_datasets(kind='text')
 
-def _record(ws, id) -> dict:
-    "The ledger row of text dataset `id`, or an `InputError` listing the known ids"
+_SNAPSHOT = {'text': ('data.parquet', 'import_text(ws, path)'), 'image': ('metadata.jsonl', 'import_images(ws, folder)')}
+
+def _record(ws, id, kind='text') -> dict:
+    "The ledger row of `kind` dataset `id`, or an `InputError` listing the known ids"
     rec = ws.ledger.get_dataset(id) if isinstance(id, str) else None
-    if rec is None or rec['kind'] != 'text':
-        known = [r['id'] for r in list_datasets(ws)]
-        raise InputError(f'no text dataset {id!r} in {ws.root}', field='id', value=id,
-                         hint=f'known ids: {", ".join(known)}' if known else 'import one first: import_text(ws, path)')
+    if rec is None or rec['kind'] != kind:
+        known = [r['id'] for r in ws.ledger.list_datasets(kind=kind)]
+        raise InputError(f'no {kind} dataset {id!r} in {ws.root}', field='id', value=str(id),
+                         hint=f'known ids: {", ".join(known)}' if known else f'import one first: {_SNAPSHOT[kind][1]}')
     return rec
 
-def _snap(ws, id) -> Path:
-    "The snapshot folder of dataset `id`, which must exist"
-    _record(ws, id)
+def _snap(ws, id, kind='text') -> Path:
+    "The snapshot folder of `kind` dataset `id`, which must be complete"
+    _record(ws, id, kind)
     d = ws.dataset_dir(id)
-    if not (d/'data.parquet').is_file(): raise InputError(f'the snapshot folder of dataset {id!r} is missing or incomplete', file=d,
-                                                          hint=f'delete_dataset(ws, {id!r}) and import the file again')
+    if not (d/_SNAPSHOT[kind][0]).is_file(): raise InputError(f'the snapshot folder of dataset {id!r} is missing or incomplete', file=d,
+                                                              hint=f'delete_dataset(ws, {id!r}) and import it again')
     return d
 
-def show_dataset(ws:Workspace, id) -> dict:
+def show_dataset(ws:Workspace, id, kind='text') -> dict:
     "The ledger row of dataset `id` (stats included) with its manifest"
-    return {**_record(ws, id), 'manifest': json.loads((_snap(ws, id)/'manifest.json').read_text())}
+    return {**_record(ws, id, kind), 'manifest': json.loads((_snap(ws, id, kind)/'manifest.json').read_text())}
 
 def load_rows(ws:Workspace, id) -> Dataset:
     "The normalized rows of dataset `id`"
     d = _snap(ws, id)
     with _scratch(ws.tmp_dir) as cache: return _load('parquet', d/'data.parquet', cache)
 
-def delete_dataset(ws:Workspace, id) -> dict:
+def delete_dataset(ws:Workspace, id, kind='text') -> dict:
     "Delete dataset `id`: its folder and its ledger row; the row it had"
-    rec = _record(ws, id)
+    rec = _record(ws, id, kind)
     busy = ws.ledger.q("SELECT id, status FROM jobs WHERE dataset_id = ? AND status NOT IN ('completed', 'stopped', 'failed')", id)
     if busy: raise InputError(f'dataset {id!r} is used by job(s) {", ".join(j["id"] + " (" + j["status"] + ")" for j in busy)}',
                               field='id', value=id, hint='wait for those jobs to end, or stop them, then delete it')
