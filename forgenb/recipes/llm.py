@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from ..core import InputError, Workspace, atomic_dir, sha256_file
 from ..config import JobSpec, ModelCfg, LoraCfg, DataCfg, load_spec, validate, spec_error
 from ..catalog import model_info, estimate_memory, available_memory, _is_local
-from ..engine import Learner, make_dl, make_optimizer, make_scheduler, set_seed, preserve_rng
+from ..engine import Learner, is_sharded, make_dl, make_optimizer, make_scheduler, set_seed, preserve_rng
 from ..data.text import import_text, load_rows, split, tokenize_rows, _default_name, _fallback
 
 # %% auto #0
@@ -450,7 +450,8 @@ def generate(model, tokenizer, prompts:list, max_new_tokens=128, temperature=0.0
     try:
         with preserve_rng(), torch.no_grad():
             set_seed(seed)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **kw)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                 synced_gpus=is_sharded(model), **kw)  # FSDP: every process steps until all are done
     finally: model.train(was_training)
     return tokenizer.batch_decode(out[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
 
