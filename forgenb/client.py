@@ -251,7 +251,7 @@ def sse_messages(lines):
 
 # %% ../nbs/61_client.ipynb #3fbd9b8f
 @patch
-def stream(self:Client, job_id, since:str|int|None=None, # cursor "step[:event]" to resume after (an `id` seen before)
+def stream(self:Client, job_id, since:str|int|None=None, # cursor "step[:event[:sample]]" to resume after (an `id` seen before)
            reconnect:int=10, # reconnections allowed in a row without a message
            timeout:float=120.): # seconds without any bytes (not even a keep-alive) before reconnecting
     "Yield the job's live messages (`status`, `metrics`, `sample`, `event`, finally `end`), reconnecting where it left off"

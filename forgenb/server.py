@@ -941,30 +941,31 @@ async def model_download(h, name, version):
     rel = await run(_export_dir, h.ws, _ref(name, version), fmt)
     await send_path(h, h.ws.root, rel, f'{name}-v{int_id(version, "model version")}-{fmt}')
 
-# %% ../nbs/60_server.ipynb #2c11bc26
-def parse_cursor(v) -> tuple[int, int]:
-    "`(step, event id)` from a cursor `step[:event]`; `(-1, 0)` for none"
-    if v in (None, ''): return -1, 0
-    m = re.fullmatch(r'(-?\d+)(?::(\d+))?', str(v).strip())
-    if not m: raise ApiError(422, f'bad stream cursor {v!r}', dict(field='since', value=v, hint='send the id of the last message received, like "120:57"'))
-    return max(int(m[1]), -1), int(m[2] or 0)
+# %% ../nbs/60_server.ipynb #066e1574
+def parse_cursor(v) -> tuple[int, int, int|None]:
+    "`(step, event id, sample id)` from a cursor `step[:event[:sample]]`; `(-1, 0, None)` for none"
+    if v in (None, ''): return -1, 0, None
+    m = re.fullmatch(r'(-?\d+)(?::(\d+))?(?::(\d+))?', str(v).strip())
+    if not m: raise ApiError(422, f'bad stream cursor {v!r}', dict(field='since', value=v, hint='send the id of the last message received, like "120:57:3"'))
+    return max(int(m[1]), -1), int(m[2] or 0), None if m[3] is None else int(m[3])
 
 def sse(event:str, data, id:str|None=None) -> bytes:
     "One Server-Sent Events message"
     lines = [f'event: {event}'] + ([f'id: {id}'] if id is not None else []) + [f'data: {l}' for l in json.dumps(jsonable(data)).splitlines()]
     return ('\n'.join(lines) + '\n\n').encode()
 
-# %% ../nbs/60_server.ipynb #7c070e6d
+# %% ../nbs/60_server.ipynb #a3f13461
 _STATUS_KEYS = ('id', 'status', 'step', 'n_step', 'error', 'resume_step', 'updated_at')
 
 class StreamState:
-    "What a stream has sent: the cursor (metric step, event id), the names sent at that step, the last sample and status"
-    def __init__(self, step=-1, event=0):
+    "What a stream has sent: the cursor (metric step, event id, sample id), the names sent at that step, the status"
+    def __init__(self, step=-1, event=0, sample=None):
         self.step, self.event, self.status = step, event, None
         self.names = None          # metric names sent at `step`; None: all of them (a resumed cursor)
-        self.sample, self.sample_floor = 0, step  # last sample id sent; samples at or below this step were sent before
+        # last sample id sent; a cursor without one (`?since=<step>`) counts the samples up to its step as sent
+        self.sample, self.sample_floor = (0, step) if sample is None else (sample, -1)
     @property
-    def cursor(self) -> str: return f'{self.step}:{self.event}'
+    def cursor(self) -> str: return f'{self.step}:{self.event}:{self.sample}'
 
 def _new_metrics(led, job_id, st, limit) -> tuple[list[bytes], int]:
     rows = led.q('SELECT step, name, value FROM metrics WHERE job_id = ? AND step >= ? ORDER BY step, name LIMIT ?', job_id, max(st.step, 0), limit)
@@ -997,9 +998,9 @@ def poll(ws, job_id, st:StreamState, limit=5000) -> tuple[list[bytes], bool]:
         st.status = snap; out.append(sse('status', snap, st.cursor))
     return out, done and len(evs) < limit and n < limit
 
-# %% ../nbs/60_server.ipynb #c3abcc7b
+# %% ../nbs/60_server.ipynb #030f1ea9
 @api('GET', '/jobs/{job_id}/stream', 'Live Server-Sent Events: status, metrics, samples, events; resumable with Last-Event-ID or ?since=', 'jobs',
-     query=[Q('since', desc='cursor "step[:event]" to resume after', pattern=r'^-?\d+(:\d+)?$')], returns='text/event-stream')
+     query=[Q('since', desc='cursor "step[:event[:sample]]" to resume after', pattern=r'^-?\d+(:\d+){0,2}$')], returns='text/event-stream')
 async def job_stream(h, job_id, poll_s=0.5, keepalive_s=15.):
     await run(_job, h.ws, job_id)
     st = StreamState(*parse_cursor(h.request.headers.get('Last-Event-ID') or h.arg('since')))
