@@ -55,9 +55,10 @@ and diffusers' script does not (`--gradient_checkpointing` is off by default): `
 compares the two defaults, `off`/`on` sets both arms alike.
 """
 from __future__ import annotations
-import argparse, json, os, platform, random, resource, statistics, subprocess, sys, tempfile, time, warnings
+import argparse, json, os, platform, random, statistics, sys, tempfile, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from turns import Timer, machine, peak_mem_gb, rss_gb, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
 
 ARMS = ('diffusers', 'forgenb', 'forgenb-fix')
 LR, WD, CLIP, SEED, TEXT_LEN = 1e-4, 1e-2, 1.0, 2, 77
@@ -108,40 +109,6 @@ def make_cache(name, n_images) -> tuple[dict, dict, list]:
         text[f'{i}.pooled'] = torch.randn(m['pooled'], generator=g)
     return lat, text, [dict(width=px, height=px) for _ in range(n_images)]
 
-def _sync():
-    import torch
-    if torch.cuda.is_available(): torch.cuda.synchronize()
-
-def _rss_gb() -> float:
-    "The process's resident memory now"
-    return int(Path('/proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30
-
-def _peak_mem_gb() -> float:
-    import torch
-    if torch.cuda.is_available(): return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-class _Timer:
-    """Times each step after the warm-up, taking turns with the other arm; keeps the first steps' losses (on device).
-
-    With `fds` (two pipe ends from the driver), after each step from the warm-up's last on, the arm says "done"
-    and waits for "go" before the next. A timed step runs from "go" to the end of the step."""
-    def __init__(self, warmup, total, fds=None):
-        self.warmup, self.total, self.fds, self.t0, self.c0, self.dts, self.cpu_dts, self.losses = warmup, total, fds, None, None, [], [], []
-    def step_done(self, step):
-        if step < self.warmup: return
-        _sync()
-        if self.t0 is not None: self.dts.append(time.perf_counter() - self.t0); self.cpu_dts.append(time.process_time() - self.c0)
-        if self.fds: os.write(self.fds[1], b'd')
-        if step == self.total: return
-        if self.fds: os.read(self.fds[0], 1)
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The arms (each runs in its own process)
-# ---------------------------------------------------------------------------------------------------------------
-
 def run_diffusers(a, cache, timer):
     "The loop of diffusers' train_text_to_image_lora_sdxl.py, without accelerate, on the cached tensors"
     import torch
@@ -151,7 +118,7 @@ def run_diffusers(a, cache, timer):
     from peft import LoraConfig
     cuda = torch.cuda.is_available()
     dev, weight_dtype = torch.device('cuda' if cuda else 'cpu'), torch.bfloat16 if cuda else torch.float32
-    timer.rss_imports = _rss_gb()
+    timer.rss_imports = rss_gb()
     unet = make_unet(a.model, cuda)
     torch.manual_seed(1)
     unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights='gaussian', target_modules=TARGETS))
@@ -204,7 +171,7 @@ def run_forgenb(a, cache, timer):
     from forgenb.recipes import diffusion as D
     from functools import partial
     cuda = torch.cuda.is_available()
-    timer.rss_imports = _rss_gb()
+    timer.rss_imports = rss_gb()
     spec = load_spec(dict(kind='diffusion', name='bench', model=dict(base='random-init'), data=dict(dataset='cache', resolution=a.resolution),
                           lora=dict(r=a.rank, alpha=a.rank, dropout=0.),
                           train=dict(max_steps=a.warmup + a.steps, lr=LR, batch_size=a.batch, grad_accum=1, scheduler='constant', warmup=0,
@@ -260,19 +227,19 @@ def arm_main(a):
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
     cache = make_cache(a.model, a.batch * (a.warmup + a.steps))
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
-    timer = _Timer(a.warmup, a.warmup + a.steps, tuple(map(int, a.turn_fds.split(','))) if a.turn_fds else None)
+    timer = Timer(a.warmup, a.warmup + a.steps, turn_fds(a))
     timer.rss_built = None
     run = run_diffusers if a.arm == 'diffusers' else run_forgenb
     _orig = timer.step_done
     def step_done(step):  # the resident memory once the model is built and the first step has run
-        if timer.rss_built is None: timer.rss_built = _rss_gb()
+        if timer.rss_built is None: timer.rss_built = rss_gb()
         _orig(step)
     timer.step_done = step_done
-    rss_before = _rss_gb()
+    rss_before = rss_gb()
     run(a, cache, timer)
     if a.profile: return
     dt = sum(timer.dts)
-    out = dict(arm=a.arm, model=a.model, images_per_s=a.batch * a.steps / dt, step_s=dt / a.steps, peak_mem_gb=_peak_mem_gb(),
+    out = dict(arm=a.arm, model=a.model, images_per_s=a.batch * a.steps / dt, step_s=dt / a.steps, peak_mem_gb=peak_mem_gb(),
                rss_start_gb=rss_before, rss_imports_gb=timer.rss_imports, rss_after_step1_gb=timer.rss_built, losses=[float(l) for l in timer.losses],
                grad_ckpt=getattr(timer, 'grad_ckpt', a.grad_ckpt == 'on'), cpu_step_s=statistics.median(timer.cpu_dts),
                step_times=timer.dts, cpu_step_times=timer.cpu_dts)
@@ -283,42 +250,16 @@ def arm_main(a):
 # The driver: rounds of A B, ratios, the report
 # ---------------------------------------------------------------------------------------------------------------
 
-def _start(a, arm):
-    "Start one arm's process, with a pair of pipes to take turns with the driver"
-    go_r, go_w = os.pipe(); done_r, done_w = os.pipe()
-    cmd = [sys.executable, __file__, '--arm', arm, '--model', a.model, '--batch', str(a.batch), '--rank', str(a.rank),
-           '--steps', str(a.steps), '--warmup', str(a.warmup), '--grad-ckpt', a.grad_ckpt, '--turn-fds', f'{go_r},{done_w}']
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, pass_fds=(go_r, done_w))
-    os.close(go_r); os.close(done_w)
-    return dict(p=p, go=go_w, done=done_r, arm=arm)
-
-def _wait_done(x):
-    if not os.read(x['done'], 1): raise SystemExit(f"{x['arm']} died:\n{x['p'].communicate()[1][-4000:]}")
-
-def _finish(x) -> dict:
-    out, err = x['p'].communicate()
-    line = [l for l in out.splitlines() if l.startswith('RESULT ')]
-    if x['p'].returncode or not line: raise SystemExit(f"{x['arm']} failed ({x['p'].returncode}):\n{err[-4000:]}")
-    return json.loads(line[-1][7:])
-
 def run_pair(a) -> list[dict]:
-    "Both arms at once: each warms up, then they take one step each in turn (A B, B A, ...) until done"
-    xs = [_start(a, arm) for arm in a.arms.split(',')]
-    for x in xs: _wait_done(x)  # warmed up
-    for i in range(a.steps):
-        for x in (xs if i % 2 == 0 else xs[::-1]):
-            os.write(x['go'], b'g'); _wait_done(x)
-    return [_finish(x) for x in xs]
+    "The arms at once, taking turns step by step"
+    def args(arm):
+        return ['--arm', arm, '--model', a.model, '--batch', a.batch, '--rank', a.rank, '--steps', a.steps, '--warmup', a.warmup,
+                '--grad-ckpt', a.grad_ckpt]
+    return take_turns([start(__file__, args(arm), arm) for arm in a.arms.split(',')], a.steps)
 
-def machine() -> dict:
-    import torch, diffusers, peft, accelerate
-    cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor())
-    m = dict(host=platform.node(), nproc=os.cpu_count(), cpu=cpu, omp_threads=os.environ.get('OMP_NUM_THREADS'), python=platform.python_version(),
-             torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__, accelerate=accelerate.__version__,
-             load_after=os.getloadavg())
-    if torch.cuda.is_available(): m['gpu'] = torch.cuda.get_device_name()
-    return m
+def _machine() -> dict:
+    import diffusers, peft, accelerate
+    return machine(diffusers, peft, accelerate)
 
 def _unet_params(name) -> int:
     "Parameters of UNet `name` (built on the meta device: no memory)"
@@ -388,7 +329,7 @@ def main(a):
             print(f"round {r} {x['arm']}: {x['images_per_s']:.2f} images/s, {x['step_s']*1e3:.0f} ms/step, {x['peak_mem_gb']:.2f} GB, "
                   f"losses {[round(l, 5) for l in x['losses'][:3]]}", flush=True)
     res = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv),
-               machine=machine(), args=vars(a), unet_params=_unet_params(a.model), rows=rows, summary=summarize(rows, a.arms.split(',')))
+               machine=_machine(), args=vars(a), unet_params=_unet_params(a.model), rows=rows, summary=summarize(rows, a.arms.split(',')))
     res['machine']['load_before'] = load_before
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     stem = 'diffusion_lora_gpu' if a.gpu else 'diffusion_lora'

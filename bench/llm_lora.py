@@ -40,9 +40,10 @@ real tokens/s, over (a) the datasheet's dense bf16 peak and (b) a measured ceili
 matmuls on this device.
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, statistics, sys, tempfile, time
 from datetime import datetime, timezone
 from pathlib import Path
+from turns import Timer, machine, peak_mem_gb, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
 
 ARMS = ('hf', 'forgenb')
 LR, WD, CLIP, LORA_R, SEED = 2e-4, 0.01, 1.0, 16, 0
@@ -83,37 +84,6 @@ def make_model(name, max_len, cuda):
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation='sdpa')
     torch.manual_seed(1)
     return get_peft_model(m, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0., target_modules=TARGETS, task_type='CAUSAL_LM'))
-
-def _sync():
-    import torch
-    if torch.cuda.is_available(): torch.cuda.synchronize()
-
-def _peak_mem_gb() -> float:
-    import torch
-    if torch.cuda.is_available(): return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-class _Timer:
-    """Times each step after the warm-up, taking turns with the other arm; keeps the first steps' losses (on device).
-
-    With `fds` (two pipe ends from the driver), after each step from the warm-up's last on, the arm says "done"
-    and waits for "go" before the next: the driver lets the arms step in turn, so both see the same machine.
-    A timed step runs from "go" to the end of the step: its data loading and collation count."""
-    def __init__(self, warmup, total, fds=None):
-        self.warmup, self.total, self.fds, self.t0, self.dts, self.losses = warmup, total, fds, None, [], []
-    def step_done(self, step):
-        if step < self.warmup: return
-        _sync()
-        if self.t0 is not None: self.dts.append(time.perf_counter() - self.t0)
-        if self.fds: os.write(self.fds[1], b'd')
-        if step == self.total: return
-        if self.fds: os.read(self.fds[0], 1)
-        self.t0 = time.perf_counter()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The arms (each runs in its own process)
-# ---------------------------------------------------------------------------------------------------------------
 
 def run_hf(a, data, timer):
     import torch
@@ -177,12 +147,12 @@ def arm_main(a):
     n = a.batch * (a.warmup + a.steps)
     data = make_data(a.dataset, n, a.max_len, MODELS[a.model]['vocab_size'])
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
-    timer = _Timer(a.warmup, a.warmup + a.steps, tuple(map(int, a.turn_fds.split(','))) if a.turn_fds else None)
+    timer = Timer(a.warmup, a.warmup + a.steps, turn_fds(a))
     (run_hf if a.arm == 'hf' else run_forgenb)(a, data, timer)
     dt = sum(timer.dts)
     real = sum(len(e['input_ids']) for e in data[a.batch * a.warmup:])
     out = dict(arm=a.arm, dataset=a.dataset, model=a.model, tokens_per_s=real / dt, step_s=dt / a.steps, real_tokens=real,
-               peak_mem_gb=_peak_mem_gb(), losses=[float(l) for l in timer.losses],
+               peak_mem_gb=peak_mem_gb(), losses=[float(l) for l in timer.losses],
                flops_per_token=getattr(timer, 'flops_per_token', None))
     print('RESULT ' + json.dumps(out), flush=True)
 
@@ -191,34 +161,12 @@ def arm_main(a):
 # The driver: rounds of A B, ratios, MFU, the report
 # ---------------------------------------------------------------------------------------------------------------
 
-def _start(a, arm, dataset, model, flops=False):
-    "Start one arm's process, with a pair of pipes to take turns with the driver"
-    go_r, go_w = os.pipe(); done_r, done_w = os.pipe()
-    cmd = [sys.executable, __file__, '--arm', arm, '--dataset', dataset, '--model', model, '--batch', str(a.batch),
-           '--max-len', str(a.max_len), '--steps', str(a.steps), '--warmup', str(a.warmup), '--turn-fds', f'{go_r},{done_w}'] + \
-          (['--compile'] if a.compile and arm == 'forgenb' else []) + (['--flops'] if flops else [])
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false'}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, pass_fds=(go_r, done_w))
-    os.close(go_r); os.close(done_w)
-    return dict(p=p, go=go_w, done=done_r, arm=arm, dataset=dataset)
-
-def _wait_done(x):
-    if not os.read(x['done'], 1): raise SystemExit(f"{x['arm']}/{x['dataset']} died:\n{x['p'].communicate()[1][-4000:]}")
-
-def _finish(x) -> dict:
-    out, err = x['p'].communicate()
-    line = [l for l in out.splitlines() if l.startswith('RESULT ')]
-    if x['p'].returncode or not line: raise SystemExit(f"{x['arm']}/{x['dataset']} failed ({x['p'].returncode}):\n{err[-4000:]}")
-    return json.loads(line[-1][7:])
-
 def run_pair(a, dataset, model, flops=False) -> list[dict]:
-    "Both arms at once: each warms up, then they take one step each in turn (A B, B A, ...) until done"
-    xs = [_start(a, arm, dataset, model, flops and arm == 'forgenb') for arm in ARMS]
-    for x in xs: _wait_done(x)  # warmed up
-    for i in range(a.steps):
-        for x in (xs if i % 2 == 0 else xs[::-1]):
-            os.write(x['go'], b'g'); _wait_done(x)
-    return [_finish(x) for x in xs]
+    "Both arms at once, taking turns step by step"
+    def args(arm):
+        return (['--arm', arm, '--dataset', dataset, '--model', model, '--batch', a.batch, '--max-len', a.max_len, '--steps', a.steps,
+                 '--warmup', a.warmup] + (['--compile'] if a.compile and arm == 'forgenb' else []) + (['--flops'] if flops and arm == 'forgenb' else []))
+    return take_turns([start(__file__, args(arm), f'{arm}/{dataset}') for arm in ARMS], a.steps)
 
 def matmul_tflops(n=8192, reps=20) -> float:
     "The best bf16 n³ matmul rate on this GPU, in TFLOP/s: the measured ceiling"
@@ -231,14 +179,9 @@ def matmul_tflops(n=8192, reps=20) -> float:
         best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
     return best
 
-def machine() -> dict:
-    import torch, transformers, peft
-    cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor())
-    m = dict(host=platform.node(), nproc=os.cpu_count(), cpu=cpu, omp_threads=os.environ.get('OMP_NUM_THREADS'),
-             python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-             load_after=os.getloadavg())
-    if torch.cuda.is_available(): m['gpu'] = torch.cuda.get_device_name()
-    return m
+def _machine() -> dict:
+    import transformers, peft
+    return machine(transformers, peft)
 
 def _peak_for(gpu_name) -> float|None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
@@ -307,7 +250,7 @@ def main(a):
     ceiling = matmul_tflops() if gpu else None
     peak = a.peak_tflops or (_peak_for(torch.cuda.get_device_name()) if gpu else None)
     res = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv),
-               machine=machine(), args=vars(a), ceiling_tflops=ceiling, peak_tflops=peak, rows=rows,
+               machine=_machine(), args=vars(a), ceiling_tflops=ceiling, peak_tflops=peak, rows=rows,
                summary=summarize(rows, models, datasets, ceiling, peak))
     res['machine']['load_before'] = load_before
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
