@@ -15,3 +15,20 @@ def _own_wide_fixture(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _own_wide_fixture(item): item.add_marker(pytest.mark.xdist_group(item.getparent(pytest.Module).nodeid))
+
+
+@pytest.fixture
+def race():
+    "Run the callables at once, each in a thread; what each returned, or the `InputError` it raised"
+    import threading
+    from forgenb.core import InputError
+    def run(*fns, timeout=60):
+        out = [None] * len(fns)
+        def go(k):
+            try: out[k] = fns[k]()
+            except InputError as e: out[k] = e
+        ts = [threading.Thread(target=go, args=(k,)) for k in range(len(fns))]
+        for t in ts: t.start()
+        for t in ts: t.join(timeout)
+        return out
+    return run

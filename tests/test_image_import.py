@@ -145,18 +145,11 @@ def test_only_bad_files_is_an_error_even_with_skip_bad(ws, tmp_path):
     assert [Path(p.file).name for p in e.problems] == ['no_caption.png', 'zero_bytes.png']
     assert 'no such folder' in str(_refused(ws, tmp_path/'nope'))
 
-def test_concurrent_imports_of_one_name(ws, tmp_path):
+def test_concurrent_imports_of_one_name(ws, tmp_path, race):
     "Two threads import different folders under one name: one wins, the other is refused, the folder is the winner's"
-    import threading
     srcs = [shutil.copytree(FOLDER/'nested', tmp_path/f'src{k}') for k in range(2)]
     (srcs[1]/'good_nested.txt').write_text('another caption')
-    out = [None, None]
-    def go(k):
-        try: out[k] = import_images(Workspace(ws.root), srcs[k], name='shared')
-        except InputError as e: out[k] = e
-    ts = [threading.Thread(target=go, args=(k,)) for k in range(2)]
-    for t in ts: t.start()
-    for t in ts: t.join(60)
+    out = race(*[lambda s=s: import_images(Workspace(ws.root), s, name='shared') for s in srcs])
     won = [o for o in out if isinstance(o, dict)]
     assert len(won) == 1 and sum(isinstance(o, InputError) for o in out) == 1
     man = json.loads((ws.dataset_dir('shared')/'manifest.json').read_text())

@@ -7,7 +7,7 @@ snapshot that plain `datasets` reads, leaves no scratch files, and is idempotent
 recipe trains on is what `render` shows: on all three template paths (generation markers, prefix
 rendering, no template) the batched `tokenize_rows` equals row-by-row encoding, and the tokens it
 labels trainable decode to the text `render` marks trainable."""
-import hashlib, json, re, threading
+import hashlib, json, re
 from pathlib import Path
 import datasets, pytest
 from forgenb.core import Workspace, InputError
@@ -118,19 +118,13 @@ def test_good_import_roundtrips(tmp_path):
     delete_dataset(ws, 'data')
     assert list(ws.datasets_dir.iterdir()) == [] and list_datasets(ws) == []
 
-def test_concurrent_imports_of_one_name(tmp_path):
+def test_concurrent_imports_of_one_name(tmp_path, race):
     "Two threads import different content under one name: one wins, the other is refused, the folder is the winner's"
     ws = Workspace(tmp_path/'ws').ensure()
     srcs = []
     for k in range(2):
         srcs.append(tmp_path/f'{k}.jsonl'); srcs[-1].write_text(''.join(json.dumps(r) + '\n' for r in _rows(50, str(k))))
-    out = [None, None]
-    def go(k):
-        try: out[k] = import_text(Workspace(ws.root), srcs[k], name='shared')
-        except InputError as e: out[k] = e
-    ts = [threading.Thread(target=go, args=(k,)) for k in range(2)]
-    for t in ts: t.start()
-    for t in ts: t.join(60)
+    out = race(*[lambda s=s: import_text(Workspace(ws.root), s, name='shared') for s in srcs])
     won = [o for o in out if isinstance(o, dict)]
     assert len(won) == 1 and sum(isinstance(o, InputError) for o in out) == 1
     man = json.loads((ws.dataset_dir('shared')/'manifest.json').read_text())
