@@ -19,8 +19,8 @@ __all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new
            'claim', 'queue', 'process_alive', 'requeue', 'reconcile', 'get_job', 'list_jobs', 'job_stats', 'log_tail',
            'metrics_history', 'job_events', 'job_checkpoints', 'job_samples', 'settled', 'wait_job', 'wait_command',
            'stop', 'pause', 'resume', 'save_now', 'sample_now', 'eval_now', 'kill', 'clone', 'retry', 'delete_job',
-           'scheduler_status', 'gpu_ids', 'worker', 'ensure_scheduler', 'validate_job', 'loss_table', 'plot_losses',
-           'samples_table', 'samples_html', 'checkpoints_table', 'show_job', 'follow_log']
+           'scheduler_status', 'gpu_ids', 'worker', 'ensure_scheduler', 'validate_job', 'plot_losses', 'samples_table',
+           'samples_html', 'checkpoints_table', 'show_job', 'follow_log']
 
 # %% ../nbs/30_jobs.ipynb #cb5ed829
 CURRENT = ('queued', 'starting', 'running', 'paused', 'stopping')  # the job is waiting or under way
@@ -659,7 +659,7 @@ def _main(argv=None) -> int:
 
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'forgenb.jobs': sys.exit(_main())
 
-# %% ../nbs/30_jobs.ipynb #01e95c59
+# %% ../nbs/30_jobs.ipynb #ef5d6ae9
 def validate_job(ws, job_id):
     "Validate the job's recorded spec again, now; with errors the job fails with the report, and an `InputError` is raised"
     ws = _ws(ws); led = ws.ledger; job = _get(led, job_id)
@@ -672,21 +672,9 @@ def validate_job(ws, job_id):
 
 def _series(ws, job_id, name, max_points): return metrics_history(ws, job_id, [name], max_points=max_points).get(name, [])
 
-def loss_table(ws, job_id, n=12, width=40) -> str:
-    "The training loss at about `n` logged steps with a bar each (from the lowest to the highest), and the validation loss"
-    tr, va = _series(ws, job_id, 'train/loss', n), dict(_series(ws, job_id, 'valid/loss', 10**6))
-    if not tr: return '(no metrics yet)'
-    lo, hi = min(v for _, v in tr), max(v for _, v in tr)
-    bar = lambda v: '█' * (1 + round((width - 1) * (v - lo) / (hi - lo or 1)))
-    rows = [f"{'step':>7}  {'train/loss':>10}  {'valid/loss':>10}"]
-    rows += [f"{s:>7}  {v:>10.4f}  {'' if va.get(s) is None else format(va[s], '.4f'):>10}  {bar(v)}" for s, v in tr]
-    return '\n'.join(rows)
-
-# %% ../nbs/30_jobs.ipynb #8742f0f4
 def plot_losses(ws, job_id, max_points=500):
-    "A matplotlib figure of the job's training and validation loss; None if matplotlib is not installed"
-    try: import matplotlib.pyplot as plt
-    except ImportError: return None
+    "A static matplotlib figure of the job's training and validation loss, for the report"
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, style in (('train/loss', '-'), ('valid/loss', 'o-')):
         if pts := _series(ws, job_id, name, max_points): ax.plot(*zip(*pts), style, label=name)

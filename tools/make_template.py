@@ -72,8 +72,7 @@ if job['status'] in ('paused', 'stopped'):
     print(f"resume it from step {job['resume_step'] or job['step']}: forgenb resume {job_id}   (or jobs.resume(ws, '{job_id}'))")
 adapter = ws.run_dir(job_id)/'adapter'
 if adapter.exists(): print(f'adapter: {adapter}')"""),
-('code', 'losses', """fig = jobs.plot_losses(ws, job_id)
-fig if fig is not None else print(jobs.loss_table(ws, job_id))"""),
+('code', 'losses', """jobs.plot_losses(ws, job_id)"""),
 ('code', 'table', """from IPython.display import Markdown
 def table(rows, cols):
     "A Markdown table of `rows` (dicts), columns `cols`"
