@@ -12,6 +12,7 @@ import psutil
 import forgenb
 from .core import InputError, Workspace
 from .config import deep_merge, dump_spec, expand_dots, load_spec, spec_hash, validate
+from .catalog import nvml_gpus
 from .ledger import FINAL, STATUSES, Ledger
 
 # %% auto #0
@@ -481,11 +482,7 @@ def gpu_ids() -> list[str]:
     "The GPUs jobs may use: those `$CUDA_VISIBLE_DEVICES` names, else every GPU NVML or `nvidia-smi` sees"
     if (v := os.environ.get('CUDA_VISIBLE_DEVICES')) is not None:
         return [g.strip() for g in v.split(',') if g.strip() and g.strip() != '-1']
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception: pass
+    if (devs := nvml_gpus(env={})) is not None: return [str(d['nvml_index']) for d in devs]
     try: out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError): return []
     return [str(i) for i, _ in enumerate(l for l in out.splitlines() if l.startswith('GPU '))]
