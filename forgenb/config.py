@@ -129,9 +129,10 @@ class DiffusionCfg(_Cfg):
     min_snr_gamma: float|None = Field(None, gt=0, description='min-SNR loss weighting gamma (5 is usual); None = off')
     noise_offset: float = Field(0.0, ge=0, le=1, description='offset noise strength (0.05-0.1 helps very dark or bright images)')
     train_text_encoder: bool = Field(False, description='also put LoRA on the text encoder(s)')
-    cache_latents: bool = Field(True, description='encode images once with the VAE and cache latents in the run folder')
+    cache_latents: bool = Field(True, description='encode images once with the VAE and cache latents in the workspace cache, shared by jobs')
     guidance_scale: float = Field(7.5, ge=0, description='classifier-free guidance scale for sample images')
     sample_steps: int = Field(25, ge=1, description='denoising steps for sample images')
+    timestep_shift: float|None = Field(None, gt=0, description="FLUX.1: shift of the training noise levels; None = the scheduler config's (by resolution for FLUX.1-dev), 1 = none")
 
 class DistributedCfg(_Cfg):
     "Training on several processes (GPUs) through accelerate"

@@ -1,15 +1,18 @@
 """Image LoRA jobs on tiny SD 1.5 / SDXL / FLUX.1 pipelines (CPU): training lowers the loss, samples are PNG files at the
 configured steps, a stopped job resumes at its step and continues exactly as an uninterrupted one (noise, timesteps,
 flips and caption dropout drawn alike), gradient checkpointing and text-encoder LoRAs train, the diffusers
-export changes a fresh pipeline's output, and the kohya export maps every key back through diffusers' loader."""
-import json, os
+export changes a fresh pipeline's output, and the kohya export maps every key back through diffusers' loader.
+FLUX.1 draws its training noise levels shifted for the image size exactly as the scheduler config and diffusers'
+`calculate_shift` say (a fixed `diffusion.timestep_shift` overrides it), still learns, and resumes exactly. A build
+records its cache entries (dataset, model, resolution) and keeps both while it makes them, even over the cache's limit."""
+import json, math, os
 from pathlib import Path
 import numpy as np, pytest, torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from forgenb.core import Workspace
 from forgenb.engine import Callback, preserve_rng
 from forgenb.test_utils import tiny_pipeline_dir, write_sample_images
-from forgenb.data.image import import_images
+from forgenb.data.image import import_images, cache_entries, set_cache_limit
 from forgenb.run import train, run_job
 from forgenb.recipes import diffusion as D
 import forgenb.ledger  # noqa: F401
@@ -40,8 +43,10 @@ def _picture(base, lora=None, gs=7.5, **kw):
     return p('zxq, a red square', num_inference_steps=2, height=64, width=64, guidance_scale=gs,
              generator=torch.Generator().manual_seed(0), output_type='np', **kw).images[0]
 
-def test_training_lowers_the_loss(ws):
-    s = D.build(_spec(ws.sd, data=dict(resolution=128), train=dict(max_steps=40, lr=1e-2)), ws)
+@pytest.mark.parametrize('arch', ['sd', 'flux'])
+def test_training_lowers_the_loss(ws, arch):
+    over = dict(diffusion=dict(min_snr_gamma=None)) if arch == 'flux' else {}
+    s = D.build(_spec(getattr(ws, arch), data=dict(resolution=128), train=dict(max_steps=40, lr=1e-2), **over), ws)
     def fixed():
         with preserve_rng(), torch.no_grad():
             torch.manual_seed(0)
@@ -110,8 +115,13 @@ def test_sdxl_with_text_encoders_exports_both_formats(ws, tmp_path):
     a, b = _picture(ws.xl, out), _picture(ws.xl, rep['path'])
     assert np.abs(a - b).max() == 0 and np.abs(a - _picture(ws.xl)).max() > 0.01
 
-def test_flux_job_trains_samples_and_exports_a_lora_that_loads(ws):
-    job = train(_spec(ws.flux, diffusion=dict(min_snr_gamma=None, guidance_scale=3.5)), ws, progress='off')
+def _flux_spec(ws): return _spec(ws.flux, diffusion=dict(min_snr_gamma=None, guidance_scale=3.5))
+
+@pytest.fixture(scope='module')
+def flux_job(ws): return train(_flux_spec(ws), ws, progress='off')
+
+def test_flux_job_trains_samples_and_exports_a_lora_that_loads(ws, flux_job):
+    job = flux_job
     assert (job['status'], job['step']) == ('completed', 6) and job['result']['facts']['prediction'] == 'flow_matching'
     assert [r['step'] for r in ws.ledger.samples(job['id'])] == [0, 2, 4, 6]
     adapter = ws.run_dir(job['id'])/'adapter'
@@ -127,3 +137,43 @@ def test_a_completed_image_job_is_a_model_version_that_loads(ws, straight):
     assert read_lineage(ws.run_dir(straight['id'])/'adapter')['job_id'] == straight['id']
     pipe, tok = load(ws, v[0]['ref'], device=None)
     assert tok is None and pipe.get_list_adapters()
+
+def test_flux_noise_levels_shift_with_the_image_size_as_calculate_shift_says(ws):
+    from types import SimpleNamespace
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from forgenb.config import DiffusionCfg, load_spec
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(ws.flux, subfolder='scheduler')
+    c = sched.config
+    assert c.use_dynamic_shifting
+    def draw(px, **cfg):  # 64 noise levels for a px² image: FLUX.1's VAE downsamples 8x
+        torch.manual_seed(0)
+        return D.DiffusionLoRA._sigmas(SimpleNamespace(sched=sched, cfg=DiffusionCfg(**cfg)), 64, px // 8, px // 8)
+    torch.manual_seed(0)
+    u = compute_density_for_timestep_sampling('logit_normal', 64, logit_mean=0., logit_std=1.)
+    mus = {px: calculate_shift((px // 16) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift) for px in (256, 1024)}
+    assert mus == {256: c.base_shift, 1024: c.max_shift}
+    for px, mu in mus.items(): assert torch.allclose(draw(px), math.exp(mu) / (math.exp(mu) + 1 / u - 1), atol=1e-6)
+    assert (draw(1024) > draw(256)).all()
+    assert torch.allclose(draw(1024, timestep_shift=1.0), u) and torch.allclose(draw(256, timestep_shift=3.0), 3 * u / (1 + 2 * u))
+    with pytest.raises(D.InputError, match='timestep_shift'): load_spec(dict(_flux_spec(ws), diffusion=dict(timestep_shift=0)))
+
+def test_a_stopped_flux_job_resumes_at_its_step_and_continues_exactly(ws, flux_job):
+    job = train(_flux_spec(ws), ws, progress='off', cbs=[StopAt(3)])
+    assert (job['status'], job['step']) == ('stopped', 3)
+    done = run_job(ws, job['id'], progress='off')
+    assert (done['status'], done['step']) == ('completed', 6)
+    losses = _losses(ws, job['id'])
+    assert losses == _losses(ws, flux_job['id']) and len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
+
+def test_a_build_records_its_cache_entries_and_keeps_both_over_the_limit(ws, straight):
+    mine = [e for e in cache_entries(ws) if e['model'] == str(ws.sd)]
+    assert {(e['what'], e['resolution']) for e in mine} >= {('latents', 64), ('text', None)} and {e['dataset'] for e in mine} == {'shapes'}
+    assert {e['dataset_hash'] for e in mine} == {ws.ledger.get_dataset('shapes')['content_hash']}
+    try:
+        set_cache_limit(ws, 1)
+        assert cache_entries(ws) == []
+        D.build(_spec(ws.xl), ws)
+        assert sorted(e['what'] for e in cache_entries(ws)) == ['latents', 'text']
+    finally: set_cache_limit(ws, None)

@@ -5,8 +5,15 @@ one, and the workspace is byte-identical before and after (files and ledger rows
 `skip_bad=True` the good files of the same folder are imported, byte for byte, under safe names,
 with their captions (trigger applied) and sizes, and the bad ones are listed in the stats. An import
 that fails while copying leaves nothing behind; the same content from another place is the same
-dataset, other content under a taken name is refused."""
-import hashlib, json, shutil
+dataset, other content under a taken name is refused.
+
+The latent cache the diffusion recipe derives from image datasets is visible and bounded: its
+entries list what they were made from, least recently used first; a size limit evicts the least
+recently used entries when a new one is written, never one that a process holds (its lock, even from
+another process) or that a waiting or running diffusion job of that dataset and model may read;
+`clear_cache` removes all, the unused-for-N-days, one dataset's or the orphaned entries; deleting an
+image dataset drops its entries; no temporary or half-removed folder is left behind."""
+import hashlib, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 import pytest
 from PIL import Image
@@ -155,3 +162,69 @@ def test_concurrent_imports_of_one_name(ws, tmp_path, race):
     man = json.loads((ws.dataset_dir('shared')/'manifest.json').read_text())
     assert man['content_hash'] == won[0]['content_hash'] == ws.ledger.get_dataset('shared')['content_hash']
     assert [p.name for p in ws.datasets_dir.iterdir()] == ['shared'] and list(ws.tmp_dir.iterdir()) == []
+
+
+def _entry(ws, name, dataset, age, model='sd', n=1000):
+    "A fake cache entry of `n` bytes made from `dataset`, last used `age` seconds ago"
+    rec = ws.ledger.get_dataset(dataset)
+    with I.cache_lock(ws, name):
+        I.write_cache_entry(ws, name, {'tensors.safetensors': b'x' * n}, what=name.split('-')[0], dataset=dataset, model=model,
+                            dataset_hash=rec['content_hash'] if rec else f'hash-of-{dataset}', resolution=512)
+    t = time.time() - age
+    os.utime(I.cache_root(ws)/name, (t, t))
+
+def _keys(ws): return [e['key'] for e in I.cache_entries(ws)]
+
+def test_cache_entries_say_what_they_hold_and_clear_cache_picks_them(ws):
+    for k, age in (('latents-old', 10 * 86400), ('text-old', 9 * 86400), ('latents-new', 60)): _entry(ws, k, 'cats', age)
+    es = I.cache_entries(ws)
+    assert [e['key'] for e in es] == ['latents-old', 'text-old', 'latents-new']
+    assert {k: es[0][k] for k in ('what', 'dataset', 'model', 'resolution', 'in_use')} == dict(what='latents', dataset='cats', model='sd', resolution=512, in_use=False)
+    assert es[0]['size'] > 1000 and es[0]['last_used'] < es[2]['last_used'] and I.cache_usage(ws)['size'] == sum(e['size'] for e in es)
+    assert json.loads(json.dumps(es)) == es  # plain data
+    out = I.clear_cache(ws, unused_days=7)
+    assert [e['key'] for e in out['removed']] == ['latents-old', 'text-old'] and out['freed'] == sum(e['size'] for e in es[:2])
+    assert _keys(ws) == ['latents-new'] and I.clear_cache(ws)['freed'] > 0 and _keys(ws) == []
+    assert [p.name for p in I.cache_root(ws).iterdir() if p.name.startswith('.') and p.name != '.locks'] == []
+
+def test_the_limit_evicts_least_recently_used_but_never_an_entry_in_use(ws):
+    _entry(ws, 'latents-job', 'cats', 400, model='flux')
+    _entry(ws, 'latents-held', 'dogs', 300)
+    _entry(ws, 'latents-a', 'dogs', 200)
+    _entry(ws, 'latents-b', 'dogs', 100)
+    ws.ledger.add_job('j1', dict(kind='diffusion', model=dict(base='flux'), data=dict(dataset='cats')), kind='diffusion', status='running')
+    ws.ledger.add_job('j2', dict(kind='diffusion', model=dict(base='sd'), data=dict(dataset='dogs')), kind='diffusion', status='interrupted')
+    cap = int(3.5 * max(e['size'] for e in I.cache_entries(ws)))  # room for three entries
+    with I.cache_lock(ws, 'latents-held'):
+        assert I.set_cache_limit(ws, f'{cap}B') == cap
+        assert _keys(ws) == ['latents-job', 'latents-held', 'latents-b']  # latents-a, the oldest unused, went
+        _entry(ws, 'latents-c', 'dogs', 0)
+        assert _keys(ws) == ['latents-job', 'latents-held', 'latents-c']  # writing c evicted b
+        assert [e['in_use'] for e in I.cache_entries(ws)] == [True, True, False]
+    ws.ledger.move_job('j1', 'completed', 'done')
+    _entry(ws, 'latents-d', 'dogs', 0)
+    assert _keys(ws) == ['latents-held', 'latents-c', 'latents-d'] and I.cache_limit(ws) == cap
+    I.set_cache_limit(ws, None)
+    assert I.cache_limit(ws) is None
+    with pytest.raises(InputError, match='not a size'): I.set_cache_limit(ws, 'lots')
+
+def test_an_entry_another_process_holds_is_not_removed(ws):
+    _entry(ws, 'latents-x', 'cats', 100)
+    code = 'import sys; from forgenb.core import Workspace; from forgenb.data.image import cache_lock\n' \
+           f'with cache_lock(Workspace({str(ws.root)!r}), "latents-x"): print("held", flush=True); sys.stdin.read()'
+    p = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == 'held'
+        out = I.clear_cache(ws)
+        assert out['removed'] == [] and [e['key'] for e in out['in_use']] == ['latents-x'] and _keys(ws) == ['latents-x']
+    finally:
+        p.stdin.close(); p.wait(30)
+    assert [e['key'] for e in I.clear_cache(ws)['removed']] == ['latents-x']
+
+def test_deleting_an_image_dataset_drops_its_cache_entries(ws, tmp_path):
+    import_images(ws, FOLDER/'nested', name='nested')
+    _entry(ws, 'latents-n', 'nested', 10); _entry(ws, 'text-n', 'nested', 10); _entry(ws, 'latents-o', 'other', 10)
+    _entry(ws, 'latents-f', str(tmp_path), 10)
+    assert [e['key'] for e in I.clear_cache(ws, orphaned=True)['removed']] == ['latents-o']  # no dataset 'other', no such folder
+    delete_dataset(ws, 'nested')
+    assert _keys(ws) == ['latents-f']

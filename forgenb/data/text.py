@@ -19,16 +19,19 @@ from ..core import Workspace, InputError, safe_name, atomic_dir, sha256_file
 from ..ledger import Ledger  # importing it adds `Workspace.ledger`
 
 # %% auto #0
-__all__ = ['READERS', 'MAX_BYTES', 'CAP', 'ROLES', 'SHAREGPT_ROLES', 'FORMATS', 'TEXT_FEATURES', 'CHAT_FEATURES', 'read_table',
-           'detect_format', 'normalize', 'normalize_row', 'tokenize_rows', 'tokenize_row', 'render', 'text_stats',
-           'import_text', 'list_datasets', 'show_dataset', 'load_rows', 'delete_dataset', 'Preview', 'preview', 'split']
+__all__ = ['READERS', 'MAX_BYTES', 'CAP', 'ROLES', 'SHAREGPT_ROLES', 'FORMATS', 'TEXT_FEATURES', 'CHAT_FEATURES',
+           'raise_problems', 'check_file', 'scratch_dir', 'csv_header', 'is_json_array', 'row_lines', 'json_problems',
+           'csv_problems', 'read_table', 'closest_name', 'detect_format', 'normalize', 'normalize_row', 'tokenize_rows',
+           'tokenize_row', 'render', 'distribution', 'text_stats', 'existing_snapshot', 'import_text', 'list_datasets',
+           'dataset_record', 'snapshot_dir', 'show_dataset', 'load_rows', 'delete_dataset', 'Preview', 'preview',
+           'split']
 
-# %% ../../nbs/03_data.text.ipynb #f74ab784
+# %% ../../nbs/03_data.text.ipynb #cc18629d
 READERS = {'.jsonl': 'json', '.json': 'json', '.csv': 'csv', '.parquet': 'parquet'}  # suffix -> `datasets` builder
 MAX_BYTES = 2 << 30  # default size limit: 2 GiB
 CAP = 20  # problems listed in one error
 
-def _raise_problems(ps, file=None, total=None):
+def raise_problems(ps, file=None, total=None):
     "Raise one `InputError` for all problems `ps` (listing the first `CAP` of `total`); nothing if there are none"
     if not ps: return
     total = max(total or 0, len(ps))
@@ -38,7 +41,7 @@ def _raise_problems(ps, file=None, total=None):
     e.problems = ps[:CAP]
     raise e
 
-# %% ../../nbs/03_data.text.ipynb #39894f58
+# %% ../../nbs/03_data.text.ipynb #56234a39
 _CONVERT = {'.xlsx': 'export it from Excel as "CSV UTF-8 (.csv)"', '.xls': 'export it from Excel as "CSV UTF-8 (.csv)"',
             '.txt': 'write one JSON object per line, e.g. {"text": "..."}, to a .jsonl file',
             '.tsv': 'save it comma-separated as .csv'}
@@ -75,10 +78,10 @@ def _check_text(path):
             dec.decode(b'', final=True)
     except UnicodeDecodeError:
         ps, total = _bad_utf8(path)
-        _raise_problems(ps, path, total)
+        raise_problems(ps, path, total)
     if blank: raise InputError('file holds only whitespace', file=path, hint='write one row per line (JSONL) or a header and rows (CSV)')
 
-def _check_file(path, max_bytes=MAX_BYTES):
+def check_file(path, max_bytes=MAX_BYTES):
     "Refuse a file that `datasets` would choke on or misread, before it reads a byte"
     sfx = path.suffix.lower()
     if sfx not in READERS:
@@ -92,7 +95,7 @@ def _check_file(path, max_bytes=MAX_BYTES):
     if size == 0: raise InputError('file is empty (0 bytes)', file=path, hint='export the data again')
     if READERS[sfx] != 'parquet': _check_text(path)
 
-# %% ../../nbs/03_data.text.ipynb #4058f3db
+# %% ../../nbs/03_data.text.ipynb #1f536e99
 @contextmanager
 def _quiet():
     "Silence `datasets`' progress bars and logs inside the block"
@@ -104,13 +107,13 @@ def _quiet():
         datasets.logging.set_verbosity(lvl)
 
 @contextmanager
-def _scratch(parent=None):
+def scratch_dir(parent=None):
     "A temporary folder under `parent` (the system's temp folder if `None`), removed on exit"
     d = Path(tempfile.mkdtemp(prefix='.scratch-', dir=parent))
     try: yield d
     finally: shutil.rmtree(d, ignore_errors=True)
 
-def _csv_header(path) -> tuple[list[str], int]:
+def csv_header(path) -> tuple[list[str], int]:
     "The header's column names and its line, refusing duplicate or blank names"
     with open(path, newline='', encoding='utf-8-sig') as f:
         r = csv.reader(f)
@@ -128,7 +131,7 @@ def _load(kind, path, cache, **kw) -> Dataset:
     with _quiet(): return datasets.load_dataset(kind, data_files=str(path), split='train', cache_dir=str(cache),
                                                 keep_in_memory=True, **kw)
 
-# %% ../../nbs/03_data.text.ipynb #ab2623bb
+# %% ../../nbs/03_data.text.ipynb #cfadfec0
 def _head(path, n=2) -> str:
     "The first `n` characters of a text file that are not whitespace"
     out = ''
@@ -136,7 +139,9 @@ def _head(path, n=2) -> str:
         while len(out) < n and (c := f.read(1)): out += c.strip()
     return out
 
-def _is_array(path) -> bool: return _head(path, 1) == '['
+def is_json_array(path) -> bool:
+    "Whether the JSON file `path` holds one array (else JSON Lines)"
+    return _head(path, 1) == '['
 
 def _array_lines(text) -> list[int]:
     "The line on which each element of the JSON array `text` starts"
@@ -149,10 +154,10 @@ def _array_lines(text) -> list[int]:
         lines.append(line)
         _, i = dec.raw_decode(text, i)
 
-def _row_lines(path) -> list[int]:
+def row_lines(path) -> list[int]:
     "The line on which each row of a JSON, JSONL or CSV file starts"
     if READERS.get(path.suffix.lower()) == 'json':
-        if _is_array(path): return _array_lines(path.read_text(encoding='utf-8-sig'))
+        if is_json_array(path): return _array_lines(path.read_text(encoding='utf-8-sig'))
         with open(path, encoding='utf-8-sig') as f: return [n for n, l in enumerate(f, 1) if l.strip()]
     with open(path, newline='', encoding='utf-8-sig') as f:
         r, lines, end, header = csv.reader(f), [], 0, True
@@ -167,17 +172,17 @@ class _Lines:
     def __init__(self, path=None): self.path, self._lines = Path(path) if path else None, None
     def __call__(self, row):
         if self.path is None or row is None or self.path.suffix.lower() not in ('.json', '.jsonl', '.csv'): return None
-        if self._lines is None: self._lines = _row_lines(self.path)
+        if self._lines is None: self._lines = row_lines(self.path)
         return self._lines[row] if row < len(self._lines) else None
 
-# %% ../../nbs/03_data.text.ipynb #fec1bc60
+# %% ../../nbs/03_data.text.ipynb #a085fe60
 def _type(v) -> str:
     "What a JSON value is, in words"
     return {dict: 'an object', list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(type(v), 'a number')
 
-def _json_problems(path, cap=CAP):
+def json_problems(path, cap=CAP):
     "Problems of a JSON or JSONL file, located by line; `(problems, total)`"
-    if _is_array(path):
+    if is_json_array(path):
         text = path.read_text(encoding='utf-8-sig')
         try: rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -202,7 +207,7 @@ def _json_problems(path, cap=CAP):
             row += 1
     return ps, total
 
-def _csv_problems(path, cap=CAP):
+def csv_problems(path, cap=CAP):
     "Records of a CSV file with more fields than its header, or an unclosed quote; `(problems, total)`"
     ps, total, width, row, end = [], 0, None, 0, 0
     with open(path, newline='', encoding='utf-8-sig') as f:
@@ -233,29 +238,29 @@ def _cause(e) -> str:
 def _diagnose(path, kind, err=None):
     "`datasets` failed (or would misread) `path`: blame lines where we can, else pass its message on"
     if kind in ('json', 'csv'):
-        ps, total = (_json_problems if kind == 'json' else _csv_problems)(path)
-        _raise_problems(ps, path, total)
+        ps, total = (json_problems if kind == 'json' else csv_problems)(path)
+        raise_problems(ps, path, total)
     raise InputError('could not read the file' + (f' ({_cause(err)})' if err else ''), file=path,
                      hint=f'check that it is a valid {kind.upper()} file') from err
 
-# %% ../../nbs/03_data.text.ipynb #ee9dc569
+# %% ../../nbs/03_data.text.ipynb #f0007e80
 def read_table(path, max_bytes=MAX_BYTES, tmp=None) -> Dataset:
     "Read a CSV, JSON, JSONL or Parquet file with `datasets`; a bad file gets an `InputError` naming its lines"
     path = Path(path).expanduser()
-    _check_file(path, max_bytes)
+    check_file(path, max_bytes)
     kind, kw = READERS[path.suffix.lower()], {}
     if kind == 'csv':
-        names, _ = _csv_header(path)
+        names, _ = csv_header(path)
         kw = dict(features=Features({c: Value('string') for c in names}), keep_default_na=False, na_filter=False,
                   encoding='utf-8-sig')
-    if kind == 'json' and _head(path) not in ('[{', '[]') and _is_array(path): _diagnose(path, kind)
-    with _scratch(tmp) as cache:
+    if kind == 'json' and _head(path) not in ('[{', '[]') and is_json_array(path): _diagnose(path, kind)
+    with scratch_dir(tmp) as cache:
         try: ds = _load(kind, path, cache, **kw)
         except Exception as e: _diagnose(path, kind, e)
     if len(ds) == 0: raise InputError('the file holds no rows', file=path, hint='add rows below the header' if kind == 'csv' else None)
     return ds
 
-# %% ../../nbs/03_data.text.ipynb #920d2a7f
+# %% ../../nbs/03_data.text.ipynb #7d9e1305
 ROLES = ('system', 'user', 'assistant', 'tool')  # chat roles
 SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant', 'user': 'user', 'assistant': 'assistant'}
 FORMATS = {  # format: (required fields, optional fields)
@@ -270,7 +275,7 @@ _SHAPES = {'alpaca': 'instruction, output [, input, system]', 'chat': 'messages'
            'prompt_completion': 'prompt, completion [, system]', 'completion': 'text',
            'io': "columns={'input': ..., 'output': ... [, 'system': ...]}"}
 
-def _near(name, names) -> str|None:
+def closest_name(name, names) -> str|None:
     "The name in `names` that `name` was probably meant to be (case and typos forgiven)"
     low = {str(n).lower(): n for n in names}
     m = difflib.get_close_matches(name.lower(), list(low), n=1, cutoff=0.6)
@@ -278,7 +283,7 @@ def _near(name, names) -> str|None:
 
 def _closest(names) -> tuple[str|None, list[str]]:
     "The format `names` comes closest to, and the required fields it lacks"
-    def score(f): return sum(r in names or 0.5*bool(_near(r, names)) for r in FORMATS[f][0]) / len(FORMATS[f][0])
+    def score(f): return sum(r in names or 0.5*bool(closest_name(r, names)) for r in FORMATS[f][0]) / len(FORMATS[f][0])
     best = max((f for f in FORMATS if f != 'io'), key=score)
     return (best, [r for r in FORMATS[best][0] if r not in names]) if score(best) > 0 else (None, [])
 
@@ -297,14 +302,14 @@ def detect_format(names, columns=None, file=None, line=None) -> str:
           else f"format='completion', columns={{'text': {names[0]!r}}}" if names else "format=...")
     if fmt is None: raise InputError(f'cannot tell the format from columns {names}', file=file, line=line, field='format',
                                      hint=f'map your columns, e.g. {io}. Formats: {shapes}')
-    guess = {f: _near(f, names) for f in miss}
+    guess = {f: closest_name(f, names) for f in miss}
     said = ', '.join(f'{f!r}' + (f' (is {guess[f]!r} it?)' if guess[f] else '') for f in miss)
     cols = ', '.join(f'{f!r}: {(guess[f] or "<your column>")!r}' for f in miss)
     alt = '' if any(guess.values()) else f'; or map any two columns: {io}'
     raise InputError(f'cannot tell the format from columns {names}: closest is {fmt}, which needs {said}', file=file, line=line,
                      field=miss[0], hint=f'rename the column, or pass format={fmt!r}, columns={{{cols}}}{alt}. Formats: {shapes}')
 
-# %% ../../nbs/03_data.text.ipynb #239ea797
+# %% ../../nbs/03_data.text.ipynb #54ea62e0
 def _field_map(fmt, names, columns=None, file=None, line=None) -> dict:
     "Each field of `fmt` that is present -> the user's column holding it; all problems in one `InputError`"
     if fmt not in FORMATS: raise InputError(f'unknown format {fmt!r}', file=file, field='format', value=fmt,
@@ -316,14 +321,14 @@ def _field_map(fmt, names, columns=None, file=None, line=None) -> dict:
     m = {f: columns.get(f, f) for f in req + opt}
     for f, c in m.items():
         if c in names or (f not in req and f not in columns): continue
-        near = _near(c, names)
+        near = closest_name(c, names)
         what = f'column {c!r} (mapped to {f!r}) not found' if f in columns else f'missing column {f!r}'
         ps.append(InputError(what + (f' (is {near!r} it?)' if near else ''), file=file, line=line, field=c,
                              hint=f"rename the column or pass columns={{{f!r}: {(near or '<your column>')!r}}}; columns found: {list(names)}"))
-    _raise_problems(ps, file)
+    raise_problems(ps, file)
     return {f: c for f, c in m.items() if c in names}
 
-# %% ../../nbs/03_data.text.ipynb #402f2ba2
+# %% ../../nbs/03_data.text.ipynb #2771a233
 class _Report:
     "Errors (the first `CAP`, and a total) and warning counts gathered over the rows"
     def __init__(self): self.errors, self.total, self.warns = [], 0, {}
@@ -336,7 +341,7 @@ class _Report:
     def check(self, file=None, lines=None):
         "Raise all errors as one `InputError`, lines looked up by `lines(row)`"
         lines = lines or (lambda r: None)
-        _raise_problems([InputError(m, file=file, line=lines(r), row=r, field=f, value=v, hint=h)
+        raise_problems([InputError(m, file=file, line=lines(r), row=r, field=f, value=v, hint=h)
                          for r, f, m, h, v in self.errors], file, self.total)
     def warnings(self) -> list[str]:
         return [f'{what}: {n} row{"s" if n > 1 else ""}' + (f' (e.g. row {", ".join(map(str, rows))})' if rows else '')
@@ -344,7 +349,7 @@ class _Report:
 
 def _key_hint(d, key, known=()) -> str:
     "A hint for a missing `key`: a close key `d` does have, else a generic fix"
-    near = _near(key, [k for k, v in d.items() if v is not None and k != key and k not in known])
+    near = closest_name(key, [k for k, v in d.items() if v is not None and k != key and k not in known])
     return f'rename {near!r} to {key!r}' if near else f'give it a {key!r}, or drop it'
 
 def _str(rep, i, row, col, empty='err', required=True) -> str|None:
@@ -419,7 +424,7 @@ def _row(rep, i, row, fmt, m) -> dict|None:
         user, out = _str(rep, i, row, m[p], empty='warn'), _str(rep, i, row, m[c])
     return None if None in (user, out, sys if 'system' in m else '') else _chat(sys, user, out)
 
-# %% ../../nbs/03_data.text.ipynb #404b1e68
+# %% ../../nbs/03_data.text.ipynb #6182ce8a
 TEXT_FEATURES = Features({'text': Value('string')})
 CHAT_FEATURES = Features({'messages': datasets.List({'role': Value('string'), 'content': Value('string')})})
 
@@ -430,7 +435,7 @@ def _rows(ds, batch_size=1024):
 def normalize(ds:Dataset, format='auto', columns=None, file=None) -> tuple[Dataset, dict]:
     "The rows of `ds` as `messages` or `text`, and `{format, columns, warnings}`; one `InputError` lists all problems"
     file = Path(file) if file else None
-    line = _csv_header(file)[1] if file and file.suffix.lower() == '.csv' else None
+    line = csv_header(file)[1] if file and file.suffix.lower() == '.csv' else None
     fmt = detect_format(ds.column_names, columns, file, line) if format == 'auto' else format
     m, rep = _field_map(fmt, ds.column_names, columns, file, line), _Report()
     out = [_row(rep, i, r, fmt, m) for i, r in enumerate(_rows(ds))]
@@ -563,7 +568,7 @@ def render(row:dict, tokenizer=None, mask_prompt=True) -> list[tuple[str, bool]]
         text, flags = text + extra, flags + [True]*len(extra)
     return _segments(text, flags) if mask_prompt else [(text, True)]
 
-# %% ../../nbs/03_data.text.ipynb #a4012148
+# %% ../../nbs/03_data.text.ipynb #85b87797
 def _empty(v) -> bool:
     "A value with no text: null, blank, an empty list, or a conversation with a blank turn"
     if v is None: return True
@@ -571,7 +576,8 @@ def _empty(v) -> bool:
     if isinstance(v, list): return not v or any(isinstance(m, dict) and _empty(m.get('content')) for m in v)
     return False
 
-def _dist(xs) -> dict:
+def distribution(xs) -> dict:
+    "Min, median, mean, 95th percentile and max of the numbers `xs`"
     a = np.asarray(xs)
     return dict(min=int(a.min()), median=float(np.median(a)), mean=round(float(a.mean()), 2),
                 p95=float(np.percentile(a, 95)), max=int(a.max()))
@@ -581,7 +587,7 @@ def _token_stats(rows, tok, max_len) -> tuple[dict, list]:
     enc = tokenize_rows(rows, tok)
     lens = [len(e['input_ids']) for e in enc]
     counts, edges = np.histogram(lens, bins=min(10, len(set(lens))))
-    st = {**_dist(lens), 'total': int(sum(lens)), 'hist': {'edges': [round(float(x), 1) for x in edges], 'counts': counts.tolist()},
+    st = {**distribution(lens), 'total': int(sum(lens)), 'hist': {'edges': [round(float(x), 1) for x in edges], 'counts': counts.tolist()},
           'trainable': round(sum(sum(l != -100 for l in e['labels']) for e in enc) / max(1, sum(lens)), 4)}
     if not max_len: return st, []
     over = sum(n > max_len for n in lens)
@@ -604,12 +610,12 @@ def text_stats(ds, tokenizer=None, max_len=None) -> dict:
     warns = [f'{len(dups)} exact duplicate rows (e.g. row {dups[0][0]} repeats row {dups[0][1]})'] if dups else []
     if 'messages' in cols and rows:
         turns = [len(r['messages'] or []) for r in rows]
-        st['turns'] = {**_dist(turns), 'counts': {str(k): v for k, v in sorted(Counter(turns).items())}}
+        st['turns'] = {**distribution(turns), 'counts': {str(k): v for k, v in sorted(Counter(turns).items())}}
     if tokenizer is not None and rows and ('messages' in cols or 'text' in cols):
         st['tokens'], w = _token_stats(rows, tokenizer, max_len); warns += w
     return {**st, 'warnings': warns}
 
-# %% ../../nbs/03_data.text.ipynb #ebe99588
+# %% ../../nbs/03_data.text.ipynb #1784fc6e
 def _content_hash(ds) -> str:
     "SHA-256 of the rows as canonical JSON lines"
     h = hashlib.sha256()
@@ -627,13 +633,13 @@ def _tokenizer(t):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(t))
 
-def _existing(old, h, id, src):
+def existing_snapshot(old, h, id, src):
     "The existing record when its content is the same; else the error that says what to do"
     if old['content_hash'] == h: return old
     raise InputError(f'dataset {id!r} already exists with different content', file=src, field='name', value=id,
                      hint=f"import under another name (name='{id}-v2'), or delete the old one first: delete_dataset(ws, {id!r})")
 
-# %% ../../nbs/03_data.text.ipynb #df86ad16
+# %% ../../nbs/03_data.text.ipynb #589788aa
 def import_text(ws:Workspace, src, name=None, format='auto', columns=None, tokenizer=None, max_len=None,
                 max_bytes=MAX_BYTES) -> dict:
     "Read, check and normalize `src`, then snapshot it into `ws` and its ledger; the ledger row"
@@ -642,31 +648,31 @@ def import_text(ws:Workspace, src, name=None, format='auto', columns=None, token
     raw = read_table(src, max_bytes, ws.tmp_dir if ws.tmp_dir.is_dir() else None)
     norm, info = normalize(raw, format, columns, src)
     h, led = _content_hash(norm), ws.ledger
-    if old := led.get_dataset(id): return _existing(old, h, id, src)
+    if old := led.get_dataset(id): return existing_snapshot(old, h, id, src)
     stats = text_stats(norm, _tokenizer(tokenizer), max_len)
     stats['warnings'] = info['warnings'] + stats['warnings']
     man = dict(id=id, kind='text', format=info['format'], rows_as='text' if info['format'] == 'completion' else 'messages',
                columns=raw.column_names, column_map=info['columns'], n_rows=len(norm), content_hash=h,
                source=dict(path=str(src), sha256=sha256_file(src), bytes=src.stat().st_size), stats=stats,
                created_at=datetime.now(timezone.utc).isoformat(timespec='seconds'), forgenb_version=__version__)
-    with _scratch(ws.tmp_dir) as stage:
+    with scratch_dir(ws.tmp_dir) as stage:
         with _quiet(): norm.to_parquet(str(stage/'data.parquet'))
         (stage/'manifest.json').write_text(json.dumps(man, indent=2, ensure_ascii=False))
         with led.tx():
-            if old := led.get_dataset(id): return _existing(old, h, id, src)
+            if old := led.get_dataset(id): return existing_snapshot(old, h, id, src)
             with atomic_dir(ws.dataset_dir(id), overwrite=True) as d:
                 for f in ('data.parquet', 'manifest.json'): os.replace(stage/f, d/f)
                 return led.add_dataset(id, 'text', info['format'], ws.dataset_dir(id), len(norm), h, source=src, stats=stats,
                                        meta={k: man[k] for k in ('rows_as', 'columns', 'column_map', 'source', 'forgenb_version')})
 
-# %% ../../nbs/03_data.text.ipynb #e3575e51
+# %% ../../nbs/03_data.text.ipynb #8770494f
 def list_datasets(ws:Workspace) -> list[dict]:
     "The text datasets of the workspace, newest first"
     return ws.ledger.list_datasets(kind='text')
 
 _SNAPSHOT = {'text': ('data.parquet', 'import_text(ws, path)'), 'image': ('metadata.jsonl', 'import_images(ws, folder)')}
 
-def _record(ws, id, kind='text') -> dict:
+def dataset_record(ws, id, kind='text') -> dict:
     "The ledger row of `kind` dataset `id`, or an `InputError` listing the known ids"
     rec = ws.ledger.get_dataset(id) if isinstance(id, str) else None
     if rec is None or rec['kind'] != kind:
@@ -675,9 +681,9 @@ def _record(ws, id, kind='text') -> dict:
                          hint=f'known ids: {", ".join(known)}' if known else f'import one first: {_SNAPSHOT[kind][1]}')
     return rec
 
-def _snap(ws, id, kind='text') -> Path:
+def snapshot_dir(ws, id, kind='text') -> Path:
     "The snapshot folder of `kind` dataset `id`, which must be complete"
-    _record(ws, id, kind)
+    dataset_record(ws, id, kind)
     d = ws.dataset_dir(id)
     if not (d/_SNAPSHOT[kind][0]).is_file(): raise InputError(f'the snapshot folder of dataset {id!r} is missing or incomplete', file=d,
                                                               hint=f'delete_dataset(ws, {id!r}) and import it again')
@@ -685,16 +691,16 @@ def _snap(ws, id, kind='text') -> Path:
 
 def show_dataset(ws:Workspace, id, kind='text') -> dict:
     "The ledger row of dataset `id` (stats included) with its manifest"
-    return {**_record(ws, id, kind), 'manifest': json.loads((_snap(ws, id, kind)/'manifest.json').read_text())}
+    return {**dataset_record(ws, id, kind), 'manifest': json.loads((snapshot_dir(ws, id, kind)/'manifest.json').read_text())}
 
 def load_rows(ws:Workspace, id) -> Dataset:
     "The normalized rows of dataset `id`"
-    d = _snap(ws, id)
-    with _scratch(ws.tmp_dir) as cache: return _load('parquet', d/'data.parquet', cache)
+    d = snapshot_dir(ws, id)
+    with scratch_dir(ws.tmp_dir) as cache: return _load('parquet', d/'data.parquet', cache)
 
 def delete_dataset(ws:Workspace, id, kind='text') -> dict:
     "Delete dataset `id`: its folder and its ledger row; the row it had"
-    rec = _record(ws, id, kind)
+    rec = dataset_record(ws, id, kind)
     busy = ws.ledger.q("SELECT id, status FROM jobs WHERE dataset_id = ? AND status NOT IN ('completed', 'stopped', 'failed')", id)
     if busy: raise InputError(f'dataset {id!r} is used by job(s) {", ".join(j["id"] + " (" + j["status"] + ")" for j in busy)}',
                               field='id', value=id, hint='wait for those jobs to end, or stop them, then delete it')
@@ -706,6 +712,9 @@ def delete_dataset(ws:Workspace, id, kind='text') -> dict:
         if trash.exists(): os.replace(trash, d)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+    if kind == 'image':
+        from forgenb.data.image import clear_cache  # the latents and embeddings the diffusion recipe derived from it
+        clear_cache(ws, dataset=id)
     return rec
 
 # %% ../../nbs/03_data.text.ipynb #e82e8435
