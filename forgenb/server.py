@@ -27,10 +27,10 @@ from .core import InputError, Workspace, safe_name
 __all__ = ['PREFIX', 'ERRORS', 'ROUTES', 'ID', 'MAX_INT', 'PATH_PARAMS', 'VERSIONED', 'UPLOAD_SUFFIXES', 'ARCHIVE_SUFFIXES',
            'PRESET_BODY', 'JOB_BODY', 'EXPORT_FORMATS', 'ERROR_SCHEMA', 'ApiError', 'input_error', 'error_body',
            'jsonable', 'parse_json', 'inside', 'Op', 'api', 'Q', 'int_id', 'route_regex', 'path_params', 'run',
-           'run_slow', 'ApiHandler', 'handlers', 'versions', 'gpus', 'system_status', 'health', 'system',
-           'dataset_page', 'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes',
-           'extract_archive', 'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get',
-           'preset_save', 'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
+           'run_slow', 'ApiHandler', 'handlers', 'versions', 'system_status', 'health', 'system', 'dataset_page',
+           'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes', 'extract_archive',
+           'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get', 'preset_save',
+           'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
            'base_models_search', 'collection', 'collection_add', 'collection_remove', 'create', 'job_create',
            'jobs_list', 'jobs_current', 'jobs_past', 'jobs_statistics', 'job_page', 'job_get', 'job_metrics',
            'job_logs', 'job_events', 'job_delete', 'job_clone', 'job_retry', 'disposition', 'tar_members', 'send_file',
@@ -254,35 +254,12 @@ def versions() -> dict:
         except metadata.PackageNotFoundError: return None
     return {p: v(p) for p in VERSIONED} | dict(python=platform.python_version())
 
-def gpus() -> list[dict]:
-    "Each GPU's name, memory and utilization (NVML, else `nvidia-smi`); [] without GPUs"
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i); m = pynvml.nvmlDeviceGetMemoryInfo(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            out.append(dict(index=i, name=name.decode() if isinstance(name, bytes) else name, memory_total=m.total,
-                            memory_used=m.used, utilization=pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
-        return out
-    except Exception: pass
-    q = 'index,name,memory.total,memory.used,utilization.gpu'
-    try: txt = subprocess.run(['nvidia-smi', f'--query-gpu={q}', '--format=csv,noheader,nounits'], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError): return []
-    rows = [[c.strip() for c in l.split(',')] for l in txt.splitlines() if l.count(',') == 4]
-    num = lambda s: int(s) if s.isdigit() else None
-    return [dict(index=num(i), name=n, memory_total=(num(t) or 0) << 20, memory_used=(num(u) or 0) << 20, utilization=num(g)) for i, n, t, u, g in rows]
-
 def system_status(ws:Workspace) -> dict:
-    "CPU, memory, disk, GPUs, current jobs, the scheduler and package versions"
-    import psutil
+    "The machine (CPU, memory, disk, GPUs), current jobs, the scheduler and package versions"
     import forgenb.jobs as jobs
-    vm, du = psutil.virtual_memory(), shutil.disk_usage(ws.ensure().root)
+    from forgenb.catalog import machine
     cur = [{k: j[k] for k in ('id', 'name', 'status', 'step', 'n_step', 'gpus')} for j in jobs.list_jobs(ws, 'current')]
-    return dict(host=socket.gethostname(), workspace=str(ws.root), cpu=dict(count=os.cpu_count(), percent=psutil.cpu_percent(None),
-                load=list(os.getloadavg())), memory=dict(total=vm.total, available=vm.available, percent=vm.percent),
-                disk=dict(total=du.total, free=du.free), gpus=gpus(), jobs=dict(current=cur, stats=jobs.job_stats(ws)),
+    return dict(machine(ws.ensure().root), workspace=str(ws.root), jobs=dict(current=cur, stats=jobs.job_stats(ws)),
                 scheduler=jobs.scheduler_status(ws), versions=versions())
 
 # %% ../nbs/60_server.ipynb #04e1c71c

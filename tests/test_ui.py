@@ -4,21 +4,25 @@ Pinned here, without a browser (tests/test_browser.py drives a real one):
 
 - a live panel picks up rows another process writes to the ledger while the kernel's main thread is busy;
 - two kernels attached to one job see the same points and status (no client keeps state of its own);
-- a resumed job, which writes the steps after its checkpoint again, is re-read rather than mixed;
+- a resumed job writes the steps after its checkpoint again: a view attached before the resume
+  converges to exactly what a fresh attach draws, at every poll, without reading the whole history again;
+- a view whose job has ended for good, once it has read everything, stops its timer and says so;
 - a panel whose tick raises shows the error and does not stop the poller; a dropped panel leaves it;
 - a deleted job's page says so and offers no actions;
 - downsampling keeps at most `n` points, in step order, with the series' extremes;
 - the new-job form has a field for every leaf of the spec schema and round-trips a spec unchanged;
-- the system panel reads `nvidia-smi`'s CSV (a fake one here: no GPU in CI), including `[N/A]` fields.
+- the system panel reads GPUs through the library's one NVML reader (a fake `pynvml` here: no GPU in CI),
+  including a figure the device does not report.
 """
-import gc, json, os, subprocess, sys, tempfile, textwrap, time
+import gc, json, os, subprocess, sys, tempfile, textwrap, time, types
 import numpy as np
 import forgenb.ledger  # noqa: F401
 from forgenb import jobs
 from forgenb.core import Workspace
 from forgenb.config import load_spec, spec_schema
 from forgenb.ui.charts import downsample
-from forgenb.ui.panels import POLLER, JobForm, JobState, JobView, Panel, SystemPanel, attach, gpu_stats
+from forgenb.catalog import nvml_gpus
+from forgenb.ui.panels import POLLER, JobForm, JobState, JobView, Panel, SystemPanel, attach
 
 SPEC = dict(name='t', model=dict(base='/nonexistent/model'), data=dict(dataset='sample'), train=dict(max_steps=1000))
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
@@ -75,15 +79,95 @@ def test_two_kernels_see_the_same_job():
     assert other['loss'] == [list(x) for x in mine.charts['loss'].plotted('train/loss')]
 
 
-def test_resumed_job_is_read_again():
-    ws = _ws(100); st = JobState(ws, 'j')
-    assert len(st.poll()['metrics']['train/loss']) == 10
-    ws.ledger.update_job('j', resume_step=50)  # a resume from step 50 writes steps 60.. again, with new values
-    ws.ledger.add_metrics('j', [(s, 'train/loss', 7.) for s in range(60, 100, 10)])
-    r = st.poll()
-    assert r['reset'] and r['metrics']['train/loss'][:, 1].tolist() == [2 - s / 1000 for s in range(0, 60, 10)] + [7.] * 4
+def _drawn(v) -> dict:
+    "What every mark of the view's charts draws now: {chart/mark: (steps, values)}"
+    return {f'{k}/{m}': tuple(map(np.asarray, xy)) for k, c in v.charts.items() for m, xy in c.data().items()}
+
+
+def _same(live, ws):
+    fresh = JobView('j', ws, live=False)
+    a, b = _drawn(live), _drawn(fresh)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0].tolist() == b[k][0].tolist(), k
+        np.testing.assert_allclose(a[k][1], b[k][1], rtol=1e-12, err_msg=k)
+    assert live.status_text == fresh.status_text
+    return a
+
+
+def _attempt(led, resume_step, *statuses):
+    "The ledger side of a kill and a resume: the job is settled as interrupted, requeued and started again"
+    led.update_job('j', status='interrupted', resume_step=resume_step)
+    for st in statuses: led.update_job('j', status=st)
+
+
+def _log(led, steps, v):
+    led.add_metrics('j', [r for s in steps for r in ((s, 'train/loss', v + s / 1000), (s, 'train/lr', v))])
+    led.add_metrics('j', [(s, 'valid/loss', v) for s in steps if s % 20 == 0])
+
+
+def test_a_view_attached_before_a_resume_draws_what_a_fresh_attach_draws():
+    ws = Workspace(tempfile.mkdtemp()).ensure(); led = ws.ledger
+    led.add_job('j', SPEC, name='t', status='running', n_step=100)
+    _log(led, range(0, 58), 1.)  # attempt 1 reaches step 57; its last checkpoint is at step 30
     v = JobView('j', ws, live=False)
-    assert v.charts['loss'].plotted('train/loss')[1][-1] == 7.
+    assert v.points()['loss']['train/loss'] == 58
+    _attempt(led, 30, 'queued', 'starting', 'running')
+    _log(led, range(31, 45), 2.)  # attempt 2, half way back to where attempt 1 died
+    v.refresh()
+    d = _same(v, ws)
+    assert d['loss/train/loss'][1][44] == 2.044 and d['loss/train/loss'][1][45] == 1.045  # the ledger's rows, as they are now
+    _log(led, range(45, 61), 2.)
+    v.refresh(); _same(v, ws)
+    assert v.state._redo == {} and v.state.last['train/loss'] == 2.06  # past the old end: the window closed
+    _attempt(led, 50, 'running')  # attempt 3 (no scheduler: the run started by hand) resumes from a later checkpoint
+    _log(led, range(51, 55), 3.); v.refresh(); _same(v, ws)
+    _attempt(led, 50, 'running')  # attempt 4, from the same checkpoint (`resume_step` does not change)
+    _log(led, range(51, 53), 4.); v.refresh(); _same(v, ws)
+    _attempt(led, 40, 'running')  # attempt 5 runs to the end between two polls (`resume_step` is cleared again)
+    _log(led, range(41, 100), 5.); led.update_job('j', status='completed', resume_step=None)
+    v.refresh()
+    d = _same(v, ws)
+    assert d['loss/train/loss'][1][40:42].tolist() == [2.04, 5.041] and v.state._redo == {} and v.state.finished
+
+
+def _plan(led, sql) -> str: return ' '.join(r[3] for r in led.con.execute('EXPLAIN QUERY PLAN ' + sql))
+
+
+def test_the_redo_window_reads_only_the_steps_since_the_checkpoint():
+    ws = Workspace(tempfile.mkdtemp()).ensure(); led = ws.ledger
+    led.add_job('j', SPEC, name='t', status='running', n_step=10**6)
+    _log(led, range(0, 10_000), 1.)
+    st = JobState(ws, 'j'); st.poll()
+    _attempt(led, 9_990, 'running'); _log(led, [9_991], 2.)
+    traced = []
+    led.con.set_trace_callback(traced.append)
+    try: r = st.poll()
+    finally: led.con.set_trace_callback(None)
+    assert r['metrics']['train/loss'].tolist() == [[9_991, 2. + 9.991]] and r['metrics']['train/lr'].tolist() == [[9_991, 2.]]
+    assert {n: w[:2] for n, w in st._redo.items()} == {'train/loss': (9_990, 9_999), 'train/lr': (9_990, 9_999)}  # valid/loss ends at 9_980
+    redo = [q for q in traced if 'BETWEEN' in q]
+    assert len(redo) == 2 and all('BETWEEN 9990 AND 9999' in q for q in redo)
+    assert all('step>? AND step<?' in _plan(led, q) for q in redo)  # a range of the primary key: ten rows, not ten thousand
+    assert 'USING INDEX events_job (job_id=? AND id>?)' in _plan(led, traced[0])
+
+
+def test_a_finished_jobs_view_stops_its_timer():
+    ws = _ws(); ws.ledger.update_job('j', status='stopped', pid=None)
+    v = attach('j', ws)
+    try:
+        assert _wait(lambda: not v.following)
+        assert v not in POLLER._panels and v.status_text.endswith('finished: live updates stopped')
+        assert v.points()['loss']['train/loss'] == 5
+        v.on_action('resume', 'ok', 'resumed')  # a resume from its own buttons follows the job again
+        assert v.following and v in POLLER._panels and 'stopped' not in v.status_text.split('·')[-1]
+    finally: v.close()
+    ws = _ws(); ws.ledger.update_job('j', status='completed')  # its process (this one) is still there: exports, the log's last lines
+    w = attach('j', ws)
+    try:
+        assert _wait(lambda: w.loaded); time.sleep(0.6)
+        assert w.following and w in POLLER._panels
+    finally: w.close()
 
 
 class _Boom(Panel):
@@ -142,12 +226,23 @@ def test_form_covers_the_schema_and_round_trips_a_spec():
     assert f.parse_errors == [] and load_spec(f.spec()).model_dump() == load_spec(spec).model_dump()
 
 
-def test_system_panel_reads_nvidia_smi(monkeypatch, tmp_path):
-    fake = tmp_path/'nvidia-smi'
-    fake.write_text('#!/bin/sh\necho "0, NVIDIA H200, 37, 1024, 143771, 45"\necho "1, NVIDIA H200, [N/A], 0, 143771, [N/A]"\n'); fake.chmod(0o755)
-    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
-    g = gpu_stats()
-    assert g[0] == dict(index=0, name='NVIDIA H200', util=37.0, mem_used_gb=1.0, mem_total_gb=143771 / 1024, temp=45.0)
-    assert g[1]['util'] is None and g[1]['temp'] is None
+def _fake_nvml():
+    def util(h):
+        if h == 1: raise RuntimeError('NVML_ERROR_NOT_SUPPORTED')
+        return types.SimpleNamespace(gpu=37)
+    return types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: f'GPU-{h}', nvmlDeviceGetName=lambda h: b'NVIDIA H200', NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=2**30, free=139 * 2**30, total=140 * 2**30),
+        nvmlDeviceGetUtilizationRates=util, nvmlDeviceGetTemperature=lambda h, k: 45)
+
+
+def test_system_panel_reads_the_gpus_through_nvml(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'pynvml', _fake_nvml())
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    g = nvml_gpus()
+    assert g[0] == dict(index=0, nvml_index=0, uuid='GPU-0', name='NVIDIA H200', util_pct=37.0, mem_used_gb=1.0, mem_free_gb=139.0,
+                        mem_total_gb=140.0, temp_c=45.0)
+    assert g[1]['util_pct'] is None and g[1]['temp_c'] == 45.0
     sp = SystemPanel(tmp_path, live=False)
-    assert 'GPU 1 NVIDIA H200 memory' in sp.meters.value and sp.chart.points()['gpu0 %'] == 1
+    assert sp.last_stats['gpus'] == g and 'GPU 1 NVIDIA H200 memory' in sp.meters.value and '1.0 / 140.0 GB' in sp.meters.value
+    assert sp.chart.points()['gpu0 %'] == 1 and sp.chart.points()['gpu1 %'] == 0  # no figure: a gap, not a zero

@@ -59,7 +59,7 @@ class Throttle:
         if now - self.last < self.interval: return False
         self.last = now; return True
 
-# %% ../../nbs/40_ui.charts.ipynb #371a4313
+# %% ../../nbs/40_ui.charts.ipynb #75053445
 class Series:
     "One metric's steps and values, with a smoothed copy kept up to date"
     def __init__(self, weight:float=0.6):
@@ -70,13 +70,23 @@ class Series:
     def last_step(self) -> int: return int(self.x[-1]) if len(self.x) else -1
 
     def extend(self, pts) -> int:
-        "Append `(step, value)` pairs (or an `(n, 2)` array) after the last step (a value may be None); how many were new"
+        "Add `(step, value)` pairs (or an `(n, 2)` array; a value may be None): a known step takes the new value; how many points changed"
         a = np.asarray(pts, dtype=float).reshape(-1, 2)  # None becomes nan
-        a = a[a[:, 0] > self.last_step]
         if not len(a): return 0
+        if a[0, 0] <= self.last_step or (np.diff(a[:, 0]) <= 0).any(): return self._merge(a)
         x, y = a[:, 0].astype(np.int64), a[:, 1]
         self.x, self.y, self.sm = np.concatenate([self.x, x]), np.concatenate([self.y, y]), np.concatenate([self.sm, self._smoother(y)])
         return len(a)
+
+    def _merge(self, a) -> int:
+        "Put the points of `a` in place (the last value given for a step wins) and smooth again"
+        x, y = np.concatenate([self.x, a[:, 0].astype(np.int64)]), np.concatenate([self.y, a[:, 1]])
+        x, i = np.unique(x[::-1], return_index=True); y = y[::-1][i]
+        old = np.full(len(x), np.nan); pos = np.searchsorted(x, self.x); old[pos] = self.y
+        known = np.zeros(len(x), bool); known[pos] = True
+        n = int((~known | ~((old == y) | (np.isnan(old) & np.isnan(y)))).sum())
+        if n: self.x, self.y = x, y; self.set_weight(self._smoother.weight)
+        return n
 
     def set_weight(self, weight:float):
         "Smooth again with `weight`"
@@ -164,7 +174,7 @@ def plotted(self:LiveChart, label:str) -> tuple[list, list]:
     "The `(x, y)` a mark draws now, as lists"
     m = self.marks[label]; return np.asarray(m.x).tolist(), np.asarray(m.y).tolist()
 
-# %% ../../nbs/40_ui.charts.ipynb #72d0a931
+# %% ../../nbs/40_ui.charts.ipynb #007a77c1
 @patch
 def set_log(self:LiveChart, log:bool=True):
     "Use a log (or linear) y scale"
@@ -183,6 +193,6 @@ def set_smoothing(self:LiveChart, weight:float):
 
 @patch
 def reset(self:LiveChart):
-    "Forget every point (a resumed job rewrites the steps after its checkpoint); the next `render` clears the marks"
+    "Forget every point; the next `render` clears the marks"
     w = next(iter(self.series.values()))._smoother.weight if self.series else 0.6
     self.series = {n: Series(w) for n in self.series}; self.dirty = True
