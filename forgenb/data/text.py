@@ -21,10 +21,10 @@ from ..ledger import Ledger  # importing it adds `Workspace.ledger`
 # %% auto #0
 __all__ = ['READERS', 'MAX_BYTES', 'CAP', 'ROLES', 'SHAREGPT_ROLES', 'FORMATS', 'TEXT_FEATURES', 'CHAT_FEATURES',
            'raise_problems', 'check_file', 'scratch_dir', 'csv_header', 'is_json_array', 'row_lines', 'json_problems',
-           'csv_problems', 'read_table', 'closest_name', 'detect_format', 'normalize', 'normalize_row', 'tokenize_rows',
-           'tokenize_row', 'render', 'distribution', 'text_stats', 'existing_snapshot', 'import_text', 'list_datasets',
-           'dataset_record', 'snapshot_dir', 'show_dataset', 'load_rows', 'delete_dataset', 'Preview', 'preview',
-           'split']
+           'csv_problems', 'read_table', 'closest_name', 'detect_format', 'normalize', 'normalize_row',
+           'chatml_fallback', 'tokenize_rows', 'tokenize_row', 'render', 'distribution', 'text_stats',
+           'default_dataset_name', 'existing_snapshot', 'import_text', 'list_datasets', 'dataset_record',
+           'snapshot_dir', 'show_dataset', 'load_rows', 'delete_dataset', 'Preview', 'preview', 'split']
 
 # %% ../../nbs/03_data.text.ipynb #cc18629d
 READERS = {'.jsonl': 'json', '.json': 'json', '.csv': 'csv', '.parquet': 'parquet'}  # suffix -> `datasets` builder
@@ -466,7 +466,7 @@ def _how(tok) -> str:
     t = _template(tok)
     return 'fallback' if not t else 'marked' if _GEN.search(t) else 'prefix'
 
-def _fallback(msgs) -> tuple[str, list]:
+def chatml_fallback(msgs) -> tuple[str, list]:
     "ChatML-like text for a tokenizer without a chat template, and its trainable spans"
     text, spans = '', []
     for m in msgs:
@@ -517,7 +517,7 @@ def _encode(row, tok) -> tuple[str, list, list, list]:
     if how == 'prefix':
         text, spans = _prefix(msgs, tok)
         return (text, *_by_spans(text, spans, tok, False))
-    text, spans = _fallback(msgs)
+    text, spans = chatml_fallback(msgs)
     return (text, *_eos(*_by_spans(text, spans, tok, True), tok))
 
 def _labels(ids, mask, max_len=None, mask_prompt=True) -> dict:
@@ -557,7 +557,7 @@ def _segments(text, flags) -> list[tuple[str, bool]]:
 def render(row:dict, tokenizer=None, mask_prompt=True) -> list[tuple[str, bool]]:
     "A normalized row as `(text, trainable)` segments, the way `tokenizer` (or the fallback layout) presents it"
     if tokenizer is None:
-        text, spans = _fallback(row['messages']) if row.get('messages') else (row['text'], [(0, len(row['text']))])
+        text, spans = chatml_fallback(row['messages']) if row.get('messages') else (row['text'], [(0, len(row['text']))])
         flags = [any(s <= k < e for s, e in spans) for k in range(len(text))]
     else:
         text, ids, mask, offs = _encode(row, tokenizer)
@@ -622,7 +622,7 @@ def _content_hash(ds) -> str:
     for r in _rows(ds): h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b'\n')
     return h.hexdigest()
 
-def _default_name(path) -> str:
+def default_dataset_name(path) -> str:
     "A dataset id from a file name: `My data (v2).jsonl` -> `My-data-v2`"
     s = re.sub(r'\.{2,}', '.', re.sub(r'[^A-Za-z0-9._-]+', '-', Path(path).stem)).strip('.-_')[:100]
     return s or 'dataset'
@@ -644,7 +644,7 @@ def import_text(ws:Workspace, src, name=None, format='auto', columns=None, token
                 max_bytes=MAX_BYTES) -> dict:
     "Read, check and normalize `src`, then snapshot it into `ws` and its ledger; the ledger row"
     src = Path(src).expanduser().absolute()
-    id = safe_name(_default_name(src) if name is None else name, 'dataset name')
+    id = safe_name(default_dataset_name(src) if name is None else name, 'dataset name')
     raw = read_table(src, max_bytes, ws.tmp_dir if ws.tmp_dir.is_dir() else None)
     norm, info = normalize(raw, format, columns, src)
     h, led = _content_hash(norm), ws.ledger

@@ -25,7 +25,7 @@ from ..core import InputError, Workspace, atomic_dir, sha256_file
 from ..config import JobSpec, ModelCfg, LoraCfg, DataCfg, load_spec, validate, spec_error
 from ..catalog import model_info, estimate_memory, available_memory, _is_local
 from ..engine import Learner, is_sharded, make_dl, make_optimizer, make_scheduler, set_seed, preserve_rng
-from ..data.text import import_text, load_rows, split, tokenize_rows, _default_name, _fallback
+from ..data.text import import_text, load_rows, split, tokenize_rows, default_dataset_name, chatml_fallback
 
 # %% auto #0
 __all__ = ['TARGETS', 'resolve_dtype', 'model_source', 'load_tokenizer', 'load_base', 'linear_names', 'default_targets',
@@ -186,7 +186,7 @@ def dataset_id(ws:Workspace, dataset:str, cfg:DataCfg|None=None) -> str:
     try: return import_text(ws, p, **kw)['id']
     except InputError as e:
         if e.field != 'name': raise
-        return import_text(ws, p, name=f'{_default_name(p)}-{sha256_file(p)[:8]}', **kw)['id']  # the file changed since
+        return import_text(ws, p, name=f'{default_dataset_name(p)}-{sha256_file(p)[:8]}', **kw)['id']  # the file changed since
 
 def n_trainable(ex:dict) -> int:
     "Tokens of a tokenized example the loss sees: labelled, and not the first"
@@ -435,7 +435,7 @@ def _prompt_texts(tokenizer, convs, chat=True) -> tuple[list[str], bool]:
     "Prompt texts ending where the reply begins, and whether the tokenizer should add special tokens"
     if not chat: return [c[-1]['content'] for c in convs], True
     if tokenizer.chat_template: return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs], False
-    return [_fallback(c)[0] + '<|im_start|>assistant\n' for c in convs], True
+    return [chatml_fallback(c)[0] + '<|im_start|>assistant\n' for c in convs], True
 
 def generate(model, tokenizer, prompts:list, max_new_tokens=128, temperature=0.0, top_p=1.0, seed=0, chat=True) -> list[str]:
     "Completions of `prompts` (strings, or conversations as lists of messages): the new text only"
