@@ -14,6 +14,7 @@ import psutil, torch
 from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from . import __version__
+from .catalog import machine, nvml_gpus  # the library's one reader of the machine (no torch import there)
 from .core import InputError, CancelFitException, Workspace, atomic_dir, atomic_write, sha256_file
 from .engine import Callback, Learner, loading_whole, preserve_rng, rng_state, unshard_root, whole_trainable
 
@@ -103,9 +104,9 @@ def after_loss(self:Recorder):
     learn = self.learn  # hot path: skip the attribute fall-through
     self._win.append(learn.loss)
     self._lr = learn.opt.param_groups[0]['lr']  # read before the step, so it is the lr this step uses
-    n = learn.batch.get('n_tokens') if isinstance(learn.batch, dict) else None  # real tokens, when the collator counts them
-    if (n := learn.n_tokens if n is None else n) is not None: self._toks.append(n)
-    self._n_samples += _batch_size(learn.batch) or 0
+    b = learn.batch if isinstance(learn.batch, dict) else {}
+    if (n := b.get('n_tokens', learn.n_tokens)) is not None: self._toks.append(n)  # the collator's count; a None there: no tokens (images)
+    self._n_samples += (b['n_samples'] if 'n_samples' in b else _batch_size(learn.batch)) or 0  # rows, or the real ones of a padded share
 
 @patch
 def after_step(self:Recorder):
@@ -140,14 +141,16 @@ def log(self:Recorder):
     dev, n = self._windows[0][0].device, len(self._windows)
     weights = torch.tensor([1 / (len(w) * n) for w in self._windows for _ in w], device=dev)  # mean of window means
     parts = [(_on([l for w in self._windows for l in w], dev) * weights).sum(), _on(self._gnorms, dev).mean()]
-    if self._toks: parts.append(_on(self._toks, dev).sum())
-    loss, gnorm, *toks = torch.stack(parts).tolist()
+    acc = self.learn.accelerator  # tokens and samples of every process: `log` runs on all of them at the same steps
+    flow = torch.stack([_on(self._toks, dev).sum() if self._toks else torch.zeros((), device=dev), torch.tensor(float(self._n_samples), device=dev)])
+    if acc.num_processes > 1: flow = acc.reduce(flow, 'sum')
+    loss, gnorm, toks, samples = torch.cat([torch.stack(parts), flow]).tolist()
     now = time.perf_counter()
     dt = max(now - self._t - self._off, 1e-9)
     m = {'train/loss': loss, 'train/lr': self._lr, 'train/grad_norm': gnorm, 'train/step_time': dt / n,
-         'train/samples_per_s': self._n_samples / dt, 'train/mem_gb': _mem_gb(),
+         'train/samples_per_s': samples / dt, 'train/mem_gb': _mem_gb(),
          'train/epoch': self.epoch + self.learn._n_done / self.n_batches}
-    if toks: m['train/tokens_per_s'] = toks[0] / dt
+    if self._toks: m['train/tokens_per_s'] = toks / dt
     step = self.learn.step
     self.record([(step, k, v) for k, v in m.items()])
     self.log_step, self._t, self._off = step, now, 0.
@@ -428,18 +431,27 @@ class ControlCallback(Callback):
     order = 30
     def __init__(self, ledger, job_id:str,
                  poll_every_s=1., # look for commands at most this often
+                 pause_poll_s=1., # while softly paused, look for commands this often (at least `poll_every_s`)
                  checkpoint:CheckpointCallback|None=None, # saves for stop/save_now/hard pause; default: `learn.checkpoint`
                  heartbeat_every_s=5.): # write heartbeat_at and step this often
         _check_job(ledger, job_id)
         self.ledger, self.job_id, self.poll_every_s, self._ckpt, self.heartbeat_every_s = ledger, job_id, poll_every_s, checkpoint, heartbeat_every_s
-        self.paused, self._next_poll, self._ticker, self._pause_next = False, 0., None, False
+        self.pause_poll_s = pause_poll_s
+        self.paused, self._next_poll, self._ticker, self._pause_next, self._cmd, self._why = False, 0., None, False, None, {}
 
     def _beat(self): self.ledger.update_job(self.job_id, heartbeat_at=time.time(), step=self.learn.step)
+    def _by(self, what=None) -> str:
+        "The command being acted on, in words: 'stop command 12 at step 40'"
+        c = self._cmd or {}
+        return f"{what or c.get('kind', 'a')} command {c.get('id', '')} at step {self.step}".replace('  ', ' ')
+    def _status(self, status, reason):
+        "Move the job to `status`, recording `reason` in its `job.status` event"
+        self.ledger.update_job(self.job_id, status=status, reason=reason)
 
 # %% ../nbs/11_callbacks.ipynb #7b99d1ac
 @patch
 def before_fit(self:ControlCallback):
-    self.learn.stop_reason, self._next_poll = None, 0.
+    self.learn.stop_reason, self.learn.stop_why, self._next_poll = None, None, 0.
     self.ledger.update_job(self.job_id, pid=os.getpid(), host=socket.gethostname(), heartbeat_at=time.time(), step=self.step)
     self._ticker = _Ticker(self._beat, self.heartbeat_every_s, 'forgenb-heartbeat')
     self.poll()
@@ -462,6 +474,7 @@ def poll(self:ControlCallback):
 # %% ../nbs/11_callbacks.ipynb #1fdd9476
 @patch
 def _do(self:ControlCallback, c:dict):
+    self._cmd = c
     try: res = getattr(self, f"_cmd_{c['kind']}")(**(c['args'] or {}))
     except Exception as e: res = dict(error=f'{type(e).__name__}: {e}')
     self.ledger.ack_command(c['id'], dict(res, step=self.step))
@@ -478,8 +491,8 @@ def _save(self:ControlCallback, kind) -> str:
 @patch
 def _cmd_stop(self:ControlCallback, save=True):
     res = dict(checkpoint=self._save('stop')) if save else {}
-    self.ledger.update_job(self.job_id, status='stopping')
-    self.learn.stop_reason = 'stopped'
+    self.learn.stop_reason, self.learn.stop_why = 'stopped', self._by()
+    self._status('stopping', self.learn.stop_why)
     return res
 
 @patch
@@ -499,27 +512,28 @@ def _cmd_sample_now(self:ControlCallback, prompts=None):
 def _cmd_pause(self:ControlCallback, mode='soft'):
     if mode not in ('soft', 'hard'): raise InputError(f'unknown pause mode {mode!r}', field='mode', value=mode, hint="use 'soft' or 'hard'")
     if self.paused: return dict(ignored='already paused')
-    if mode == 'soft': self._pause_next = True; return dict(mode='soft')
+    if mode == 'soft': self._pause_next, self._why['pause'] = True, self._by('soft pause'); return dict(mode='soft')
     res = dict(mode='hard', checkpoint=self._save('stop'))
-    self.ledger.update_job(self.job_id, status='stopping')
-    self.learn.stop_reason = 'paused'
+    self.learn.stop_reason, self.learn.stop_why = 'paused', self._by('hard pause')
+    self._status('stopping', f'{self.learn.stop_why}; the process ends to free the GPU')
     return res
 
 @patch
 def _cmd_resume(self:ControlCallback):
     if not self.paused: return dict(ignored='not paused')
-    self.paused = False
+    self.paused, self._why['resume'] = False, f'resumed by {self._by()}'
     return {}
 
 @patch
 def _wait(self:ControlCallback):
-    "Block until a `resume` (or a `stop`, which raises) arrives"
+    "Block until a `resume` (or a `stop`, which raises) arrives, looking for it every `pause_poll_s`"
     self.paused = True
-    self.ledger.update_job(self.job_id, status='paused')
-    while self.paused:
-        with _off_clock(self.learn): time.sleep(self.poll_every_s)
-        self.poll()
-    self.ledger.update_job(self.job_id, status='running')
+    self._status('paused', self._why.pop('pause', 'soft pause'))
+    while True:
+        self.poll()  # first at once: a resume may already be waiting
+        if not self.paused: break
+        with _off_clock(self.learn): time.sleep(max(self.poll_every_s, self.pause_poll_s))
+    self._status('running', self._why.pop('resume', 'resumed'))
 
 # %% ../nbs/11_callbacks.ipynb #01198b2f
 class SampleCallback(Callback):
@@ -598,36 +612,14 @@ def after_fit(self:SampleCallback):
     if self._last != self.step: self.sample()
 
 # %% ../nbs/11_callbacks.ipynb #a553e99e
-def _nvml():
-    "The initialised `pynvml` module, or None"
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception: return None
-
-def _str(s): return s.decode() if isinstance(s, bytes) else str(s)
-
-def _nvml_gpus(nv) -> list[dict]:
-    out = []
-    for i in range(nv.nvmlDeviceGetCount()):
-        h = nv.nvmlDeviceGetHandleByIndex(i)
-        mem = nv.nvmlDeviceGetMemoryInfo(h)
-        out.append(dict(index=i, name=_str(nv.nvmlDeviceGetName(h)), util_pct=float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                        mem_used_gb=mem.used / _GB, mem_total_gb=mem.total / _GB,
-                        temp_c=float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))))
-    return out
-
 def gpu_stats() -> list[dict]:
-    "Utilization, memory and temperature of each GPU (NVML), or the memory of this process's CUDA device, or []"
-    if (nv := _nvml()) is not None:
-        try: return _nvml_gpus(nv)
-        except Exception: pass
+    "Each visible GPU through NVML (`catalog.nvml_gpus`), else the memory of this process's CUDA device, else []"
+    if (gs := nvml_gpus()) is not None: return gs
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()): return []
     i = torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(i)
-    return [dict(index=i, name=torch.cuda.get_device_name(i), util_pct=None, mem_used_gb=(total - free) / _GB,
-                 mem_total_gb=total / _GB, temp_c=None)]
+    free, total = torch.cuda.mem_get_info(i)  # this process holds a context on this device already: asking costs nothing
+    return [dict(index=i, nvml_index=None, uuid=None, name=torch.cuda.get_device_name(i), util_pct=None, mem_used_gb=(total - free) / _GB,
+                 mem_free_gb=free / _GB, mem_total_gb=total / _GB, temp_c=None)]
 
 # %% ../nbs/11_callbacks.ipynb #e3ccda2d
 def _sys_metrics() -> dict:
@@ -663,18 +655,10 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError: v[pkg] = None
     return v
 
-def _disk(path:Path) -> dict:
-    while not path.exists(): path = path.parent
-    du = shutil.disk_usage(path)
-    return dict(path=str(path), total_gb=du.total / _GB, used_gb=du.used / _GB, free_gb=du.free / _GB)
-
 def system_snapshot(root=None, # the workspace root whose disk to report; default: `Workspace().root`
                     cpu_interval=0.1) -> dict: # seconds over which CPU use is measured
-    "CPU, memory, the workspace's disk, GPUs and library versions, as plain data"
-    vm = psutil.virtual_memory()
-    return dict(time=time.time(), host=socket.gethostname(), cpu_count=os.cpu_count(), cpu_pct=psutil.cpu_percent(cpu_interval),
-                ram_total_gb=vm.total / _GB, ram_used_gb=vm.used / _GB, ram_pct=vm.percent,
-                disk=_disk(Path(root) if root else Workspace().root), gpus=gpu_stats(), versions=_versions())
+    "`catalog.machine` (CPU, memory, the workspace's disk, GPUs, with torch's fallback) and library versions, as plain data"
+    return machine(root or Workspace().root, cpu_interval, gpus=gpu_stats()) | dict(versions=_versions())
 
 # %% ../nbs/11_callbacks.ipynb #8ba7995b
 _MODES = ('bar', 'lines', 'off')

@@ -349,7 +349,7 @@ def cmd_jobs(args, ws):
     rows = list_jobs(ws, _statuses(args.status), limit=args.limit, offset=args.offset)
     _out(args, [{k: v for k, v in r.items() if k != 'spec'} for r in rows] if args.json else list(map(_job_row, rows))); return 0
 
-# %% ../nbs/70_cli.ipynb #b8407975
+# %% ../nbs/70_cli.ipynb #f0599d54
 def job_report(ws, job_id) -> dict:
     "What `forgenb show` prints: `show_job` with the checkpoints and samples tables"
     from forgenb.jobs import show_job, checkpoints_table, samples_table
@@ -369,6 +369,7 @@ def _show_text(r) -> str:
     out = [f'{k + ":":<15} {v}' for k, v in head.items() if v is not None]
     if r['error']: out += ['error:', *('  ' + l for l in r['error'].splitlines())]
     if r['metrics']: out += ['metrics:', *(f'  {k:<20} {_cell(v)}  (step {s})' for k, (s, v) in sorted(r['metrics'].items()))]
+    if r.get('history'): out += ['history:', *(f"  {_when(h['at'])}  {h['status']:<11} {h['reason'] or ''}" for h in r['history'])]
     out += [f'recommendation ({x["level"]}): {x["message"]}' for x in r['recommendations']]
     cks = [c | dict(folder=os.path.relpath(c['path'], r['run_dir'])) for c in r['checkpoints']]
     if cks: out += ['\ncheckpoints:', table(cks, ['step', 'kind', 'train_loss', 'valid_loss', 'folder'])]

@@ -16,7 +16,7 @@ from .registry import get_version, check_files, model_name
 import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 
 # %% auto #0
-__all__ = ['MANIFEST', 'PROBE', 'FAMILIES', 'PROBES', 'GGUF_ARCHS', 'EXPORTERS', 'source', 'exports', 'probe_ids',
+__all__ = ['MANIFEST', 'PROBE', 'FAMILIES', 'PROBES', 'OLLAMA_STOPS', 'GGUF_ARCHS', 'EXPORTERS', 'source', 'exports', 'probe_ids',
            'export_merged', 'render_go', 'template_mismatch', 'ollama_template', 'stop_words', 'modelfile',
            'parse_modelfile', 'ollama_name', 'export_ollama', 'gguf_arch', 'write_gguf', 'verify_gguf', 'gguf_logits',
            'export_gguf', 'export']
@@ -61,7 +61,7 @@ def exports(ws:Workspace, ref:str) -> list[dict]:
     d = source(ws, ref)['dir']
     return [json.loads((p/MANIFEST).read_text()) for p in sorted(d.glob('*')) if (p/MANIFEST).is_file()] if d.is_dir() else []
 
-# %% ../nbs/50_export.ipynb #a7fc6a78
+# %% ../nbs/50_export.ipynb #c3561709
 PROBE = 'Reverse the letters.\nhello'
 
 def probe_ids(tok) -> torch.Tensor:
@@ -81,7 +81,16 @@ def _with_adapter(src, quantized=False) -> tuple:
 
 def _tol(dtype) -> float: return 1e-4 if dtype == torch.float32 else 5e-2
 
-# %% ../nbs/50_export.ipynb #c7858f52
+def _base_folder(spec) -> Path:
+    "The local folder of the job's base model (a folder, or its snapshot in the Hugging Face cache)"
+    p = Path(spec.model.base).expanduser()
+    if p.is_dir(): return p
+    from huggingface_hub import snapshot_download
+    try: return Path(snapshot_download(spec.model.base, revision=spec.model.revision, local_files_only=True))
+    except Exception as e: raise InputError(f'{spec.model.base} is not on this machine, so Ollama cannot import it', field='from_', value='adapter',
+                                            hint="use from_='merged'") from e
+
+# %% ../nbs/50_export.ipynb #b7755b5d
 def export_merged(ws:Workspace, ref:str, overwrite=False) -> dict:
     "Save base + adapter of `ref` merged into one transformers folder, `exports/merged`; verified by reloading it"
     from transformers import AutoModelForCausalLM
@@ -94,7 +103,7 @@ def export_merged(ws:Workspace, ref:str, overwrite=False) -> dict:
     dtype, merged = model.dtype, model.merge_and_unload()
     merged.config.use_cache = True
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        merged.save_pretrained(tmp); tok.save_pretrained(tmp)
+        merged.save_pretrained(tmp); tok.save_pretrained(tmp); _copy_spm(src['spec'], tmp)
         del model, merged
         with torch.no_grad(): got = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)(ids.cpu()).logits.float()
         diff, scale = (got - want).abs().max().item(), max(1., want.abs().max().item())
@@ -103,6 +112,12 @@ def export_merged(ws:Workspace, ref:str, overwrite=False) -> dict:
         m = _manifest(tmp, dest, src, 'merged', dtype=str(dtype).split('.')[-1], check=dict(
             max_logit_diff=diff, allowed=_tol(dtype) * scale, argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean())))
     return _done(ws, src, m)
+
+def _copy_spm(spec, folder:Path):
+    "Copy the base model's SentencePiece `tokenizer.model` into `folder`, when it has one and `folder` does not"
+    try: base = _base_folder(spec)
+    except InputError: return
+    if (base/'tokenizer.model').is_file() and not (folder/'tokenizer.model').exists(): shutil.copy2(base/'tokenizer.model', folder/'tokenizer.model')
 
 def _llm_only(src, fmt):
     if src['spec'].kind != 'llm':
@@ -181,7 +196,7 @@ def render_go(tpl:str, messages:list, system='') -> str:
     out = []; _go_exec(nodes, root, root, out)
     return ''.join(out)
 
-# %% ../nbs/50_export.ipynb #4946f699
+# %% ../nbs/50_export.ipynb #f22ecc2a
 FAMILIES = {
     'chatml': '{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n',
     'llama3': '{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
@@ -189,6 +204,8 @@ FAMILIES = {
     'gemma': '{{ range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
              '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n',
     'phi3': '{{ range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
+    'phi3-nosys': '{{ range .Messages }}{{ if eq .Role "user" }}<|user|>\n{{ .Content }}<|end|>\n<|assistant|>\n'
+                  '{{ else if eq .Role "assistant" }}{{ .Content }}<|end|>\n{{ end }}{{ end }}',
     'mistral': '{{ range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]{{ else if eq .Role "assistant" }}'
                '{{ .Content }}<EOS>{{ end }}{{ end }}'}
 
@@ -223,13 +240,17 @@ def ollama_template(tok) -> tuple:
     raise InputError(f'the chat template matches none of the known families ({", ".join(FAMILIES)})', field='data.chat_template',
                      hint="pass template= with a Go template for it; forgenb checks it against the chat template before writing")
 
-# %% ../nbs/50_export.ipynb #8e12dd96
-def stop_words(tok) -> list[str]:
-    "The strings that end an assistant turn: what the chat template writes after a reply, and EOS"
+# %% ../nbs/50_export.ipynb #2a6c2e79
+_PHI3_STOPS = ['<|end|>', '<|system|>', '<|user|>', '<|assistant|>']
+OLLAMA_STOPS = {'chatml': ['<|im_start|>', '<|im_end|>'], 'llama3': ['<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'],
+                'gemma': ['<start_of_turn>', '<end_of_turn>'], 'phi3': _PHI3_STOPS, 'phi3-nosys': _PHI3_STOPS}
+
+def stop_words(tok, family:str|None=None) -> list[str]:
+    "The strings that end an assistant turn: what the chat template writes after a reply, EOS, and Ollama's stops for `family`"
     mark = 'FORGENB_REPLY'
     s = tok.apply_chat_template([_U1, dict(role='assistant', content=mark)], tokenize=False)
     after = s.rsplit(mark, 1)[1].split() if mark in s else []
-    return list(dict.fromkeys(x for x in (after[:1] + [tok.eos_token]) if x))
+    return list(dict.fromkeys(x for x in (after[:1] + [tok.eos_token] + OLLAMA_STOPS.get(family, [])) if x))
 
 # %% ../nbs/50_export.ipynb #bdf13295
 def modelfile(frm:str, template:str, stops:list, adapter=None, comment=None) -> str:
@@ -249,16 +270,7 @@ def parse_modelfile(text:str) -> dict:
         elif k == 'PARAMETER' and v.startswith('stop '): stops.append(json.loads(v[5:]))
     return dict(d, stops=stops)
 
-# %% ../nbs/50_export.ipynb #63874bc2
-def _base_folder(spec) -> Path:
-    "The local folder of the job's base model (a folder, or its snapshot in the Hugging Face cache)"
-    p = Path(spec.model.base).expanduser()
-    if p.is_dir(): return p
-    from huggingface_hub import snapshot_download
-    try: return Path(snapshot_download(spec.model.base, revision=spec.model.revision, local_files_only=True))
-    except Exception as e: raise InputError(f'{spec.model.base} is not on this machine, so Ollama cannot import it', field='from_', value='adapter',
-                                            hint="use from_='merged'") from e
-
+# %% ../nbs/50_export.ipynb #d63a3c4c
 def _from(ws, src, how, overwrite=False) -> tuple:
     "`(FROM, ADAPTER)` for Modelfile source `how`"
     if how == 'adapter': return str(_base_folder(src['spec'])), str(src['adapter'])
@@ -272,7 +284,7 @@ def ollama_name(src) -> str:
     v = src['version']
     return f"{src['name'].lower()}:{'v' + str(v['version']) if v else src['job']['id']}"
 
-# %% ../nbs/50_export.ipynb #646106a2
+# %% ../nbs/50_export.ipynb #fc99aadd
 def _ollama(binary, name, mf_path, prompt, timeout) -> dict:
     "Create Ollama model `name` from `mf_path` and ask it `prompt`; remove it again if that fails"
     run = lambda *a: subprocess.run([binary, *a], capture_output=True, text=True, timeout=timeout)
@@ -303,7 +315,7 @@ def export_ollama(ws:Workspace, ref:str,
     fam, tpl = ('custom', template) if template else ollama_template(tok)
     if template and (why := template_mismatch(tok, template)): raise InputError(f'the template does not match the chat template: {why}', field='template')
     frm, adapter = _from(ws, src, from_, overwrite)
-    text, name = modelfile(frm, tpl, stop_words(tok), adapter, f"forgenb export of {src['label']} (job {src['job']['id']})"), name or ollama_name(src)
+    text, name = modelfile(frm, tpl, stop_words(tok, fam), adapter, f"forgenb export of {src['label']} (job {src['job']['id']})"), name or ollama_name(src)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
         atomic_write(tmp/'Modelfile', text)
         back = parse_modelfile((tmp/'Modelfile').read_text())
@@ -331,7 +343,7 @@ def _permute(w:torch.Tensor, n_head:int) -> torch.Tensor:
     "Rows of a q/k projection reordered from Hugging Face's rotary layout to GGML's (as llama.cpp's converter does)"
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-# %% ../nbs/50_export.ipynb #c39baa79
+# %% ../nbs/50_export.ipynb #50403bbc
 def _gguf_meta(w, cfg, name):
     import gguf
     hd = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
@@ -342,12 +354,30 @@ def _gguf_meta(w, cfg, name):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps); w.add_rope_dimension_count(hd); w.add_vocab_size(cfg.vocab_size)
     if hd != cfg.hidden_size // cfg.num_attention_heads: w.add_key_length(hd); w.add_value_length(hd)
 
+def _spm_vocab(folder:Path, tok, n_vocab:int) -> tuple:
+    "`(tokens, scores, types)` of `folder/tokenizer.model` and `tok`'s added tokens, as llama.cpp's converter reads them"
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+    sp, T = SentencePieceProcessor(model_file=str(folder/'tokenizer.model')), gguf.TokenType
+    toks, scores, types = [f'[PAD{i}]' for i in range(n_vocab)], [-10000.] * n_vocab, [T.UNUSED] * n_vocab
+    for i in range(min(sp.vocab_size(), n_vocab)):
+        toks[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else T.UNUSED if sp.IsUnused(i)
+                    else T.BYTE if sp.IsByte(i) else T.NORMAL)
+    for i, t in tok.added_tokens_decoder.items():  # tokens added after the SentencePiece model (a pad, chat markers)
+        if sp.vocab_size() <= i < n_vocab: toks[i], scores[i], types[i] = t.content, -1000., T.CONTROL if t.special else T.USER_DEFINED
+    return toks, scores, types
+
 def _gguf_vocab(w, folder:Path, tok, n_vocab:int):
-    "Tokens, types, merges, special ids and chat template of the tokenizer in `folder`"
+    "Tokens, types, scores or merges, special ids and chat template of the tokenizer in `folder`"
     import gguf
     tj = json.loads((folder/'tokenizer.json').read_text()) if (folder/'tokenizer.json').is_file() else {}
     model = tj.get('model', {})
-    if model.get('type') == 'BPE' and model.get('byte_fallback'):
+    if (folder/'tokenizer.model').is_file():
+        toks, scores, types = _spm_vocab(folder, tok, n_vocab)
+        w.add_tokenizer_model('llama'); w.add_tokenizer_pre('default'); w.add_token_list(toks)
+        w.add_token_scores(scores); w.add_token_types(types); merges = False
+    elif model.get('type') == 'BPE' and model.get('byte_fallback'):
         v = gguf.LlamaHfVocab(folder); toks = list(v.all_tokens())
         w.add_tokenizer_model('llama'); w.add_token_list([t for t, _, _ in toks])
         w.add_token_scores([s for _, s, _ in toks]); w.add_token_types([t for _, _, t in toks]); merges = False

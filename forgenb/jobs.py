@@ -21,7 +21,7 @@ __all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new
            'metrics_history', 'job_events', 'job_checkpoints', 'job_samples', 'settled', 'wait_job', 'wait_command',
            'stop', 'pause', 'resume', 'save_now', 'sample_now', 'eval_now', 'kill', 'clone', 'retry', 'delete_job',
            'scheduler_status', 'gpu_ids', 'worker', 'ensure_scheduler', 'validate_job', 'plot_losses', 'samples_table',
-           'samples_html', 'checkpoints_table', 'show_job', 'follow_log']
+           'samples_html', 'checkpoints_table', 'status_history', 'show_job', 'follow_log']
 
 # %% ../nbs/30_jobs.ipynb #cb5ed829
 CURRENT = ('queued', 'starting', 'running', 'paused', 'stopping')  # the job is waiting or under way
@@ -55,11 +55,13 @@ def _refused(rep, what='nothing was submitted') -> InputError:
     e.problems, e.report = rep.errors, rep
     return e
 
-# %% ../nbs/30_jobs.ipynb #e5479a2d
+# %% ../nbs/30_jobs.ipynb #9190a84b
 def create_job(ws, spec, # a `JobSpec`, a dict, or a YAML/JSON file
                name:str|None=None, # the job's name (default: the spec's)
                priority:int=0, # higher runs first; equal priorities run in submission order
-               status='queued', parent_id=None, **fields) -> dict:
+               status='queued', parent_id=None,
+               reason='created', # why it starts in `status` (its first `job.status` event)
+               **fields) -> dict:
     "Validate `spec` and record it as a new job with its `runs/<id>/job.yaml`; refused with the report when it has errors"
     ws = _ws(ws).ensure()
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -73,37 +75,22 @@ def create_job(ws, spec, # a `JobSpec`, a dict, or a YAML/JSON file
         with led.tx():
             led.add_job(job_id, s.model_dump(mode='json'), name=name or s.name, kind=s.kind, status=status, priority=priority,
                         dataset_id=s.data.dataset if led.get_dataset(s.data.dataset) else None, spec_hash=spec_hash(s),
-                        parent_id=parent_id, n_step=s.train.max_steps)
+                        parent_id=parent_id, n_step=s.train.max_steps, reason=reason)
             if fields: led.update_job(job_id, **fields)
     except BaseException:
         shutil.rmtree(ws.run_dir(job_id), ignore_errors=True); raise
     return led.get_job(job_id)
 
-# %% ../nbs/30_jobs.ipynb #11f4d237
+# %% ../nbs/30_jobs.ipynb #03fec46e
 def submit(ws, spec, # a `JobSpec`, a dict, or a YAML/JSON file
            name:str|None=None, priority:int=0,
            start=True) -> str: # start a detached scheduler if none runs
     "Validate and queue a job; its id"
-    job = create_job(ws, spec, name=name, priority=priority)
+    job = create_job(ws, spec, name=name, priority=priority, reason='submitted')
     if start: ensure_scheduler(ws)
     return job['id']
 
-# %% ../nbs/30_jobs.ipynb #5fc747bf
-def _encode(v): return json.dumps(v) if isinstance(v, (list, dict, tuple)) else v
-
-def _move(led:Ledger, job_id, status, reason, expect=None, unchanged=None, event=None, **fields) -> bool:
-    "Set `status` (and `fields`) if the job is in `expect` and not updated since `unchanged`; whether it moved"
-    now, exp = time.time(), [expect] if isinstance(expect, str) else list(expect or [])
-    fields = dict(fields, status=status, updated_at=now)
-    if status in FINAL or status == 'interrupted': fields.setdefault('ended_at', now)
-    with led.tx() as con:
-        old = con.execute('SELECT status, updated_at FROM jobs WHERE id = ?', (job_id,)).fetchone()
-        if old is None or (exp and old[0] not in exp) or (unchanged is not None and old[1] != unchanged): return False
-        con.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", [*map(_encode, fields.values()), job_id])
-        led.add_event('job.status', job_id=job_id, status=status, prev=old[0], reason=reason, **(event or {}))
-    return True
-
-# %% ../nbs/30_jobs.ipynb #f75ba50f
+# %% ../nbs/30_jobs.ipynb #66d0be60
 def n_processes(spec:dict|None) -> int:
     "The processes (GPUs) a job's spec asks for: `distributed.num_processes`, 1 by default"
     return int(((spec or {}).get('distributed') or {}).get('num_processes') or 1)
@@ -118,7 +105,7 @@ def claim(ws, gpus:list|None=None, # the GPUs the job gets...
         if free is not None:
             if (n := n_processes(json.loads(r[1]) if r[1] else None)) > len(free): return None  # it waits: the queue keeps its order
             gpus = free[:n]
-        _move(led, r[0], 'starting', f'claimed by the scheduler (pid {os.getpid()} on {HOST})', expect='queued',
+        led.move_job(r[0], 'starting', f'claimed by the scheduler (pid {os.getpid()} on {HOST})', expect='queued',
               gpus=list(gpus or []), pid=None, host=HOST, heartbeat_at=None, error=None)
     return led.get_job(r[0])
 
@@ -169,7 +156,7 @@ def _intent(led, job) -> str|None:
 def _drop_commands(led, job_id, why):
     for c in led.pending_commands(job_id): led.ack_command(c['id'], dict(ignored=why))
 
-# %% ../nbs/30_jobs.ipynb #cfc34d81
+# %% ../nbs/30_jobs.ipynb #3d911f9b
 def _auto_limit(n) -> int: return int(os.environ.get('FORGENB_AUTO_RESUME', 3)) if n is None else int(n)
 
 def _settle(ws, job:dict, why:str, auto_resume=None) -> dict|None:
@@ -179,10 +166,10 @@ def _settle(ws, job:dict, why:str, auto_resume=None) -> dict|None:
     resumable = f'resumable from checkpoint step {step}' if step is not None else 'no checkpoint yet: a resume starts from step 0'
     intent, moved = _intent(led, job), None
     kw = dict(expect=st, unchanged=job['updated_at'])
-    if intent == 'stop' and _move(led, job['id'], 'stopped', f'{at}, after a stop request', **kw): moved = 'stopped'
-    elif intent == 'pause' and _move(led, job['id'], 'paused', f'{at}, after a pause request; {resumable}', pid=None, resume_step=step, **kw):
+    if intent == 'stop' and led.move_job(job['id'], 'stopped', f'{at}, after a stop request', **kw): moved = 'stopped'
+    elif intent == 'pause' and led.move_job(job['id'], 'paused', f'{at}, after a pause request; {resumable}', pid=None, resume_step=step, **kw):
         moved = 'paused'
-    elif intent is None and _move(led, job['id'], 'interrupted', f'{at}; {resumable}', resume_step=step, error=f'{at}; {resumable}', **kw):
+    elif intent is None and led.move_job(job['id'], 'interrupted', f'{at}; {resumable}', resume_step=step, error=f'{at}; {resumable}', **kw):
         moved = 'interrupted'
     if moved is None: return None
     _drop_commands(led, job['id'], f'the job process ended ({why}) before it acted on this command')
@@ -190,11 +177,11 @@ def _settle(ws, job:dict, why:str, auto_resume=None) -> dict|None:
     if moved == 'interrupted' and _auto_resume(ws, job['id'], step, auto_resume): res['status'] = 'queued'
     return res
 
-# %% ../nbs/30_jobs.ipynb #562a738d
+# %% ../nbs/30_jobs.ipynb #430a5ac4
 def requeue(ws, job_id, reason:str, expect=('paused', 'interrupted', 'stopped', 'failed'), auto=False) -> dict|None:
     "Queue a job again to continue from its latest checkpoint (`resume_step`); the job, or None if it was not in `expect`"
     ws = _ws(ws); led, step = ws.ledger, _latest_step(ws, job_id)
-    ok = _move(led, job_id, 'queued', reason, expect=expect, event=dict(auto=auto, resume_step=step),
+    ok = led.move_job(job_id, 'queued', reason, expect=expect, event=dict(auto=auto, resume_step=step),
                resume_step=step, pid=None, error=None, ended_at=None)
     return led.get_job(job_id) if ok else None
 
@@ -338,13 +325,13 @@ def _send(led, job, kind, **args) -> dict:
 def _not_for(job, what, hint=None) -> InputError:
     return InputError(f"job {job['id']} is {job['status']}: {what}", field='job_id', value=job['id'], hint=hint)
 
-# %% ../nbs/30_jobs.ipynb #feacbfa6
+# %% ../nbs/30_jobs.ipynb #497f9ba5
 def stop(ws, job_id, save=True) -> dict: # write a checkpoint before stopping
     "Stop a job: a command to a running one; a queued, held, hard-paused or interrupted one becomes `stopped` at once"
     ws, led = _open(ws); job = _get(led, job_id); st = job['status']
     if st in ('starting', 'running') or _soft_paused(led, job): return _send(led, job, 'stop', save=save)
     if st in ('queued', 'paused', 'interrupted'):
-        if _move(led, job_id, 'stopped', f'stopped by the user while {st}', expect=st): return dict(job_id=job_id, status='stopped')
+        if led.move_job(job_id, 'stopped', f'stopped by the user while {st}', expect=st): return dict(job_id=job_id, status='stopped')
         return stop(ws, job_id, save)  # its status changed meanwhile: decide again
     if st == 'stopping': raise _not_for(job, 'it is already stopping', 'wait for it: wait_job(ws, job_id)')
     raise _not_for(job, 'there is nothing to stop', 'retry(ws, job_id) runs it again; clone(ws, job_id, ...) runs a variant')
@@ -355,7 +342,7 @@ def pause(ws, job_id, mode='soft') -> dict: # 'soft': the model stays loaded; 'h
     ws, led = _open(ws); job = _get(led, job_id); st = job['status']
     if st in ('starting', 'running'): return _send(led, job, 'pause', mode=mode)
     if st == 'queued':
-        if _move(led, job_id, 'paused', 'held by the user before it ran', expect='queued'): return dict(job_id=job_id, status='paused')
+        if led.move_job(job_id, 'paused', 'held by the user before it ran', expect='queued'): return dict(job_id=job_id, status='paused')
         return pause(ws, job_id, mode)
     if _soft_paused(led, job): raise _not_for(job, 'it is already paused (soft: the model is loaded)', 'resume(ws, job_id) first' + (', then pause hard' if mode == 'hard' else ''))
     if st == 'paused': raise _not_for(job, 'it is already paused (no process runs it)', 'resume(ws, job_id) requeues it')
@@ -406,25 +393,25 @@ def eval_now(ws, job_id) -> dict:
     "Ask a running job to run its validation now"
     return _command(ws, job_id, 'eval_now')
 
-# %% ../nbs/30_jobs.ipynb #1b584df4
+# %% ../nbs/30_jobs.ipynb #762d0716
 def kill(ws, job_id) -> dict:
     "Kill the job's process now (SIGKILL; no checkpoint): for a job that does not answer `stop`. It becomes `stopped`"
     ws, led = _open(ws); job = _get(led, job_id)
     if not _has_process(job): raise _not_for(job, 'no process runs it', 'stop(ws, job_id) instead')
     if job['host'] != HOST: raise _not_for(job, f"its process runs on host {job['host']!r}", 'kill it from that host')
-    if not _move(led, job_id, 'stopped', 'killed by the user', expect=job['status'], error=f"killed by the user at step {job['step']}"):
+    if not led.move_job(job_id, 'stopped', 'killed by the user', expect=job['status'], error=f"killed by the user at step {job['step']}"):
         return kill(ws, job_id)
     if job['pid']:
         try: os.kill(job['pid'], signal.SIGKILL)
         except ProcessLookupError: pass
     return dict(job_id=job_id, status='stopped')
 
-# %% ../nbs/30_jobs.ipynb #4bbe32b1
+# %% ../nbs/30_jobs.ipynb #23a66713
 def clone(ws, job_id, name=None, priority=None, start=True, **overrides) -> str:
     "A new job from `job_id`'s spec with `overrides` (nested dicts or dotted keys), its parent; the new id"
     ws, led = _open(ws); job = _get(led, job_id)
     new = create_job(ws, deep_merge(job['spec'], expand_dots(overrides)), name=name or job['name'],
-                     priority=job['priority'] if priority is None else priority, parent_id=job_id)
+                     priority=job['priority'] if priority is None else priority, parent_id=job_id, reason=f'made from job {job_id}')
     if start: ensure_scheduler(ws)
     return new['id']
 
@@ -534,7 +521,7 @@ def _diagnose(led, job_id):
     led.x('INSERT INTO recommendations(job_id, kind, level, message, data, created_at) VALUES (?,?,?,?,?,?)',
           job_id, 'oom', 'error', f'the job ran out of memory: {OOM_FIX}', dict(reason='oom'), time.time())
 
-# %% ../nbs/30_jobs.ipynb #6a05ebf0
+# %% ../nbs/30_jobs.ipynb #88dedf33
 def _exited(ws, job_id, rc:int) -> str:
     "Settle a job whose papermill process exited with `rc`; its status"
     led = ws.ledger; job = led.get_job(job_id)
@@ -548,11 +535,11 @@ def _exited(ws, job_id, rc:int) -> str:
         else:
             err = _nb_error(ws.run_dir(job_id)/'report.ipynb') if rc else 'the job notebook ended without a final status'
             err = err or f'papermill exited with status {rc}: ' + '\n'.join(_tail(ws.run_dir(job_id)/'log.txt', 10))
-            _move(led, job_id, 'failed', f'the job process exited with status {rc}', expect=st, error=err)
+            led.move_job(job_id, 'failed', f'the job process exited with status {rc}', expect=st, error=err)
     _diagnose(led, job_id)
     return led.get_job(job_id)['status']
 
-# %% ../nbs/30_jobs.ipynb #acce33f3
+# %% ../nbs/30_jobs.ipynb #d61267f0
 def _occupying(led) -> list[dict]:
     "Jobs that hold a device: those with a process"
     return [j for j in led.q(f"SELECT * FROM jobs WHERE status IN ({','.join('?'*len(ACTIVE))})", *ACTIVE) if _has_process(j)]
@@ -575,7 +562,7 @@ def _fail_too_big(ws, gpus):
     "Fail queued jobs that ask for more GPUs than the machine has: they would wait forever"
     for j in queue(ws):
         if (n := n_processes(j['spec'])) > len(gpus):
-            _move(ws.ledger, j['id'], 'failed', f'asks for {n} GPUs of {len(gpus)}', expect='queued',
+            ws.ledger.move_job(j['id'], 'failed', f'asks for {n} GPUs of {len(gpus)}', expect='queued',
                   error=f'the job asks for {n} processes (one per GPU) but this machine has {len(gpus)} GPU(s): lower distributed.num_processes')
 
 def _on_term(*a): raise KeyboardInterrupt()  # SIGTERM ends the loop like Ctrl-C
@@ -656,14 +643,14 @@ def _main(argv=None) -> int:
 
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'forgenb.jobs': sys.exit(_main())
 
-# %% ../nbs/30_jobs.ipynb #ef5d6ae9
+# %% ../nbs/30_jobs.ipynb #6e0b6f2d
 def validate_job(ws, job_id):
     "Validate the job's recorded spec again, now; with errors the job fails with the report, and an `InputError` is raised"
     ws = _ws(ws); led = ws.ledger; job = _get(led, job_id)
     rep = validate(job['spec'], ws=ws)
     if not rep.ok:
         e = _refused(rep, 'the job did not start')
-        _move(led, job_id, 'failed', 'the spec failed validation', expect=CURRENT, error=e.msg)
+        led.move_job(job_id, 'failed', 'the spec failed validation', expect=CURRENT, error=e.msg)
         raise e
     return rep
 
@@ -708,7 +695,11 @@ def checkpoints_table(ws, job_id) -> list[dict]:
     return [dict(step=c['step'], kind=c['kind'], train_loss=(c['metrics'] or {}).get('train/loss'),
                  valid_loss=(c['metrics'] or {}).get('valid/loss'), path=c['path']) for c in job_checkpoints(ws, job_id) if c['exists']]
 
-# %% ../nbs/30_jobs.ipynb #6239996f
+# %% ../nbs/30_jobs.ipynb #5f7293b2
+def status_history(led:Ledger, job_id) -> list[dict]:
+    "Every status the job went through: `at` (time), `status`, `reason`"
+    return [dict(at=e['ts'], status=e['data']['status'], reason=e['data'].get('reason')) for e in led.events(job_id=job_id, kind='job.status')]
+
 def show_job(ws, job_id) -> dict:
     "A job at a glance: status, progress, files, latest metrics and checkpoint, process, queue position"
     ws, led = _open(ws); job = _get(led, job_id); d = ws.run_dir(job_id)
@@ -722,7 +713,8 @@ def show_job(ws, job_id) -> dict:
                 alive=_has_process(job) and process_alive(job), heartbeat_at=job['heartbeat_at'], gpus=job['gpus']),
                 run_dir=str(d), report=str(d/'report.ipynb'), log=str(d/'log.txt'),
                 adapter=str(d/'adapter') if (d/'adapter').exists() else None, metrics=last,
-                checkpoint=cks[-1]['path'] if cks else None, recommendations=recs, parent_id=job['parent_id'])
+                checkpoint=cks[-1]['path'] if cks else None, recommendations=recs, parent_id=job['parent_id'],
+                history=status_history(led, job_id))
 
 # %% ../nbs/30_jobs.ipynb #2a7392f8
 def follow_log(ws, job_id, n=20, # start with the last `n` lines

@@ -246,14 +246,15 @@ FINAL = ('completed', 'stopped', 'failed')
 
 @patch
 def add_job(self:Ledger, id, spec:dict, name=None, kind='llm', status='queued', priority=0, dataset_id=None,
-            spec_hash=None, parent_id=None, n_step=None) -> dict:
+            spec_hash=None, parent_id=None, n_step=None,
+            reason='created') -> dict: # why it starts in `status`, for its first `job.status` event
     "Record a new job"
     now = time.time()
     with self.tx():
         self.x('INSERT INTO jobs(id, name, kind, status, priority, spec, spec_hash, dataset_id, parent_id, n_step,'
                ' created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)',
                id, name, kind, status, priority, spec, spec_hash, dataset_id, parent_id, n_step, now, now)
-        self.add_event('job.status', job_id=id, status=status)
+        self.add_event('job.status', job_id=id, status=status, prev=None, reason=reason)
     return self.get_job(id)
 
 @patch
@@ -267,14 +268,33 @@ def list_jobs(self:Ledger, status=None, limit=100, offset=0) -> list[dict]:
     return self.q(f'SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT ? OFFSET ?', *st, limit, offset)
 
 @patch
-def update_job(self:Ledger, id, **fields) -> dict:
-    "Set columns of a job; a new `status` is checked and logged as an event"
-    if 'status' in fields and fields['status'] not in STATUSES:
-        raise InputError(f"unknown job status {fields['status']!r}", field='status', hint=f'use one of {", ".join(STATUSES)}')
-    fields['updated_at'] = time.time()
-    with self.tx():
+def move_job(self:Ledger, id, status:str,
+             reason:str|None, # why, in words a user reads: 'stop command 12 at step 40'
+             expect=None, # move only if the job is in this status (or one of these)...
+             unchanged=None, # ...and its `updated_at` is still this
+             event:dict|None=None, # more fields for the `job.status` event
+             **fields) -> bool: # more columns to set
+    "Set a job's `status` (and `fields`) in one guarded transaction, logged as a `job.status` event with its `reason`; whether it moved"
+    if status not in STATUSES: raise InputError(f'unknown job status {status!r}', field='status', hint=f'use one of {", ".join(STATUSES)}')
+    now, exp = time.time(), [expect] if isinstance(expect, str) else list(expect or [])
+    fields = dict(fields, status=status, updated_at=now)
+    if status in FINAL or status == 'interrupted': fields.setdefault('ended_at', now)
+    with self.tx() as con:
+        old = con.execute('SELECT status, updated_at FROM jobs WHERE id = ?', (id,)).fetchone()
+        if old is None or (exp and old[0] not in exp) or (unchanged is not None and old[1] != unchanged): return False
+        con.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", [*map(_encode, fields.values()), id])
+        self.add_event('job.status', job_id=id, status=status, prev=old[0], reason=reason, **(event or {}))
+    return True
+
+@patch
+def update_job(self:Ledger, id,
+               reason:str|None=None, # why the status changes, when `fields` sets one
+               **fields) -> dict:
+    "Set columns of a job (a new `status` goes through `move_job`, with its `reason`); the job"
+    if 'status' in fields: self.move_job(id, fields.pop('status'), reason, **fields)
+    else:
+        fields['updated_at'] = time.time()
         self.x(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", *fields.values(), id)
-        if 'status' in fields: self.add_event('job.status', job_id=id, status=fields['status'])
     return self.get_job(id)
 
 # %% ../nbs/02_ledger.ipynb #055fbf6d

@@ -42,7 +42,7 @@ def recipe_for(kind:str):
     if kind not in RECIPES: raise InputError(f'no recipe for job kind {kind!r}', field='kind', value=kind, hint=f'use one of {", ".join(RECIPES)}')
     return importlib.import_module(RECIPES[kind])
 
-# %% ../nbs/12_run.ipynb #6f776d99
+# %% ../nbs/12_run.ipynb #26c01b0b
 HOST = socket.gethostname()
 
 def _resume_point(job, run_dir):
@@ -66,7 +66,10 @@ def _finish(ws, job_id, learn, setup, started) -> dict:
     h = learn.recorder.history
     result = dict(step=learn.step, adapter=None if adapter is None else str(adapter), seconds=round(time.time()-started, 1),
                   train_loss=_last(h, 'train/loss'), valid_loss=_last(h, 'valid/loss'), facts=setup.facts)
-    return dict(status=status, step=learn.step, ended_at=time.time(), result=result,
+    why = getattr(learn, 'stop_why', None) or f'a {reason} request'
+    said = {'completed': f"finished: step {learn.step} of {setup.facts['total_steps']}", 'stopped': f'the run ended after {why}',
+            'paused': f'the run ended after {why}; resumable from step {learn.step}'}[status]
+    return dict(status=status, reason=said, step=learn.step, ended_at=time.time(), result=result,
                 resume_step=learn.step if status == 'paused' else None)
 
 def _register(ws, job) -> dict:
@@ -102,9 +105,9 @@ def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict
     led = ws.ledger
     if (job := led.get_job(job_id)) is None:
         raise InputError(f'no job {job_id!r} in {ws.root}', field='job_id', value=job_id, hint='see forgenb.jobs.list_jobs(ws)')
-    started = time.time()
-    led.update_job(job_id, status='running', pid=os.getpid(), host=HOST, heartbeat_at=started,
-                   started_at=job['started_at'] or started, ended_at=None, error=None)
+    started, again = time.time(), '' if job['resume_step'] is None else f", to continue from step {job['resume_step']}"
+    led.update_job(job_id, status='running', reason=f'process {os.getpid()} on {HOST} began the run{again}', pid=os.getpid(), host=HOST,
+                   heartbeat_at=started, started_at=job['started_at'] or started, ended_at=None, error=None)
     learn = None
     try:
         spec = load_spec(job['spec'])
@@ -118,16 +121,18 @@ def run_job(ws, job_id:str, progress='auto', cbs=None, poll_every_s=1.0) -> dict
     except KeyboardInterrupt:
         ck = latest_checkpoint(ws.run_dir(job_id))
         step = None if ck is None else int(Path(ck).name.split('-')[1])
-        led.update_job(job_id, status='interrupted', ended_at=time.time(), resume_step=step,
-                       step=learn.step if learn else job['step'],
-                       error='interrupted by the user' + ('' if step is None else f'; resumable from checkpoint step {step}'))
+        at = learn.step if learn else job['step']
+        why = 'interrupted by the user' + ('' if step is None else f'; resumable from checkpoint step {step}')
+        led.update_job(job_id, status='interrupted', reason=f'{why} (KeyboardInterrupt at step {at})', ended_at=time.time(),
+                       resume_step=step, step=at, error=why)
         raise
     except BaseException as e:
-        led.update_job(job_id, status='failed', ended_at=time.time(), error=f'{type(e).__name__}: {e}',
-                       step=learn.step if learn else job['step'])
+        at = learn.step if learn else job['step']
+        led.update_job(job_id, status='failed', reason=f"failed: {type(e).__name__} {'before training' if at is None else f'at step {at}'}", ended_at=time.time(),
+                       error=f'{type(e).__name__}: {e}', step=at)
         raise
 
-# %% ../nbs/12_run.ipynb #9a109298
+# %% ../nbs/12_run.ipynb #cd740a2c
 def train(spec, # a `JobSpec`, a dict, or a YAML/JSON file
           ws=None, # the workspace (default: `Workspace()`)
           name=None, # the job's name (default: the spec's)
@@ -140,5 +145,5 @@ def train(spec, # a `JobSpec`, a dict, or a YAML/JSON file
     n = load_spec(spec).distributed.num_processes
     if n > 1 and cbs: raise InputError(f'callbacks cannot travel to the {n} processes of a distributed job', field='cbs',
                                        hint='drop cbs, or set distributed.num_processes: 1')
-    job = create_job(ws, spec, name=name, status='starting', pid=os.getpid(), host=HOST)
+    job = create_job(ws, spec, name=name, status='starting', reason='train() runs it in the foreground', pid=os.getpid(), host=HOST)
     return run_job(ws, job['id'], progress=progress, cbs=cbs) if n == 1 else run_distributed(ws, job['id'], progress=progress)
