@@ -564,8 +564,6 @@ def _check_distributed(c):
                                                   'use auto (ddp) or fsdp, or num_processes: 1')
     if d.strategy == 'fsdp' and n == 1: yield _warn('distributed.strategy', 'fsdp', 'fsdp in one process shards nothing: it trains as one plain process',
                                                     'raise distributed.num_processes, or use auto')
-    if d.strategy == 'fsdp' and n > 1 and c.spec.kind != 'llm':
-        yield _err('distributed.strategy', 'fsdp', f'fsdp jobs are built and tested for llm jobs only, not {c.spec.kind}', 'use auto (ddp)')
 
 # %% ../nbs/01_config.ipynb #0c61f607
 def _resolve(ref):

@@ -72,7 +72,7 @@ def launch(args:list, # a script and its arguments, or `['-m', module, ...]`
     return out
 
 # %% ../nbs/13_distributed.ipynb #74754880
-_WRITES = ('add_', 'update_', 'delete_', 'ack_', 'remove_', 'save_')
+_WRITES = ('add_', 'update_', 'move_', 'delete_', 'ack_', 'remove_', 'save_')
 
 class RankLedger:
     "The ledger as process `rank` of a job sees it: rank 0 writes, the others only read; commands come from rank 0"
@@ -131,7 +131,7 @@ def _agree_on_resume(ws, job):
 def _failed(ws, job_id, e):
     job = ws.ledger.get_job(job_id)
     if job['status'] in ('starting', 'running', 'stopping'):
-        ws.ledger.update_job(job_id, status='failed', ended_at=time.time(), error=f'{e}'[-2000:])
+        ws.ledger.update_job(job_id, status='failed', reason=f'its processes failed: {type(e).__name__}', ended_at=time.time(), error=f'{e}'[-2000:])
 
 def run_distributed(ws, job_id:str, num_processes:int|None=None, # default: the spec's `distributed.num_processes`
                     progress='auto', echo=True) -> dict:

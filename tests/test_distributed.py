@@ -15,6 +15,11 @@ loss tokens; global batch 8, `grad_accum=2`, 6 steps across an epoch boundary) t
   are global, so the data position and optimizer state mean the same for any number of processes.
 - FSDP2 (accelerate `fsdp_version=2`, decoder layers wrapped, LoRA parameters sharded with the frozen ones) trains the
   same run on 2 processes with the same losses and adapter as one process.
+- Validation (13 rows in batches of 4, so the last batch is partial and the two processes' shares are unequal)
+  gives one process's loss: before training to rtol 1e-6 (the same weights; only the batch shapes differ), after
+  it to rtol 1e-4 (the weights differ by the training rounding above). No row counts twice.
+- The Recorder's throughput counts every process: per logged step, samples/s x step time = 16 samples (the global
+  batch of 8 times `grad_accum` 2) and tokens/s x step time = one process's loss tokens for that step.
 """
 import json, os, subprocess, sys
 from pathlib import Path
@@ -29,7 +34,7 @@ def _learner(dropout, stop_at=None, run_dir=None):
     from torch.nn.utils.rnn import pad_sequence
     from peft import LoraConfig, get_peft_model
     from forgenb.core import CancelFitException
-    from forgenb.callbacks import CheckpointCallback
+    from forgenb.callbacks import CheckpointCallback, Recorder
     from forgenb.data.text import tokenize_rows
     from forgenb.engine import Callback, Learner, make_dl, make_optimizer, set_seed
     from forgenb.test_utils import sample_task, tiny_model, tiny_tokenizer
@@ -54,8 +59,9 @@ def _learner(dropout, stop_at=None, run_dir=None):
     data = tokenize_rows(rows, tok)
     set_seed(0)
     model = get_peft_model(tiny_model('llama', tok), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=['q_proj', 'v_proj']))
-    cbs = [Log()] + ([CheckpointCallback(run_dir, keep_best=False)] if run_dir else [])
-    return Learner(model, make_dl(data, 8, seed=0, collate_fn=collate), loss_func=loss, opt=lambda m: make_optimizer(m, lr=1e-2),
+    cbs = [Log(), Recorder(log_every=1)] + ([CheckpointCallback(run_dir, keep_best=False)] if run_dir else [])
+    valid = make_dl(tokenize_rows(rows[:13], tok), 4, shuffle=False, collate_fn=collate)
+    return Learner(model, make_dl(data, 8, seed=0, collate_fn=collate), valid, loss_func=loss, opt=lambda m: make_optimizer(m, lr=1e-2),
                    grad_accum=2, max_steps=N_STEPS, eval_epoch_end=False, cbs=cbs)
 
 
@@ -73,10 +79,14 @@ def _train(name, out_dir):
     os.environ.update(FSDP_ENV if r.get('fsdp') else dict(ACCELERATE_USE_FSDP='false'))
     learn = _learner(r['dropout'], r.get('stop_at'), run_dir if r.get('ckpt') else None)
     if r.get('resume'): load_checkpoint(learn, latest_checkpoint(run_dir))
+    valid0 = learn.validate()
     learn.fit()
+    h = learn.recorder.history
+    flow = [(s * t, k * t) for (_, s), (_, t), (_, k) in zip(h['train/samples_per_s'], h['train/step_time'], h['train/tokens_per_s'])]
     sd = learn.accelerator.get_state_dict(learn.model)  # every process: FSDP gathers the shards
     res = dict(losses=learn.log.losses, adapter={k: v.tolist() for k, v in sd.items() if 'lora_' in k}, step=learn.step,
-               n=learn.accelerator.num_processes, kind=learn.accelerator.distributed_type.value)
+               n=learn.accelerator.num_processes, kind=learn.accelerator.distributed_type.value,
+               valid=[valid0, learn.validate()], flow=flow)
     if learn.accelerator.is_main_process: (Path(out_dir)/f'{name}.json').write_text(json.dumps(res))
     return res
 
@@ -109,6 +119,15 @@ def test_ddp_equals_one_process(runs):
     one, two = runs['one'], runs['ddp']
     assert (one['n'], two['n'], two['kind'], len(two['losses'])) == (1, 2, 'MULTI_CPU', N_STEPS)
     _close(two, one, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['ddp', 'fsdp'])
+def test_validation_and_throughput_count_every_row_once(runs, kind):
+    one, two = runs['one'], runs[kind]
+    assert two['valid'][0] == pytest.approx(one['valid'][0], rel=1e-6)
+    assert two['valid'][1] == pytest.approx(one['valid'][1], rel=1e-4)
+    assert [s for s, _ in two['flow']] == pytest.approx([16.] * N_STEPS, rel=1e-6)
+    assert [k for _, k in two['flow']] == pytest.approx([k for _, k in one['flow']], rel=1e-6)
 
 
 def test_fsdp_equals_one_process(runs):
