@@ -14,15 +14,15 @@ import forgenb.ledger  # noqa: F401  (adds Workspace.ledger)
 # %% auto #0
 __all__ = ['IMPORT_KW', 'EXPORT_FLAGS', 'SET', 'table', 'workspace_info', 'cmd_workspace', 'source_kind', 'import_any',
            'cmd_datasets_import', 'cmd_datasets_list', 'image_preview_rows', 'cmd_datasets_show', 'cmd_datasets_delete',
-           'cmd_presets_list', 'cmd_presets_show', 'cmd_presets_save', 'cmd_presets_delete', 'cmd_models_list',
-           'cmd_models_search', 'cmd_models_add', 'cmd_models_remove', 'cmd_models_check', 'cmd_validate', 'cmd_train',
-           'demo_assets', 'demo', 'cmd_demo', 'cmd_submit', 'cmd_jobs', 'job_report', 'cmd_show', 'cmd_logs',
-           'cmd_stop', 'cmd_pause', 'cmd_resume', 'cmd_save_now', 'cmd_sample_now', 'cmd_eval_now', 'cmd_kill',
-           'cmd_clone', 'cmd_retry', 'cmd_delete', 'cmd_stats', 'cmd_worker', 'cmd_template', 'registry_rows',
-           'cmd_registry_list', 'cmd_registry_versions', 'cmd_registry_show', 'cmd_registry_register',
-           'cmd_registry_activate', 'cmd_registry_rollback', 'cmd_registry_archive', 'cmd_registry_eval',
-           'cmd_registry_compare', 'export_kwargs', 'cmd_registry_export', 'cmd_registry_exports', 'cmd_serve',
-           'cmd_openapi', 'launcher', 'cmd_ui', 'cmd_attach', 'main']
+           'cmd_cache_list', 'cmd_cache_clear', 'cmd_cache_limit', 'cmd_presets_list', 'cmd_presets_show',
+           'cmd_presets_save', 'cmd_presets_delete', 'cmd_models_list', 'cmd_models_search', 'cmd_models_add',
+           'cmd_models_remove', 'cmd_models_check', 'cmd_validate', 'cmd_train', 'demo_assets', 'demo', 'cmd_demo',
+           'cmd_submit', 'cmd_jobs', 'job_report', 'cmd_show', 'cmd_logs', 'cmd_stop', 'cmd_pause', 'cmd_resume',
+           'cmd_save_now', 'cmd_sample_now', 'cmd_eval_now', 'cmd_kill', 'cmd_clone', 'cmd_retry', 'cmd_delete',
+           'cmd_stats', 'cmd_worker', 'cmd_template', 'registry_rows', 'cmd_registry_list', 'cmd_registry_versions',
+           'cmd_registry_show', 'cmd_registry_register', 'cmd_registry_activate', 'cmd_registry_rollback',
+           'cmd_registry_archive', 'cmd_registry_eval', 'cmd_registry_compare', 'export_kwargs', 'cmd_registry_export',
+           'cmd_registry_exports', 'cmd_serve', 'cmd_openapi', 'launcher', 'cmd_ui', 'cmd_attach', 'main']
 
 # %% ../nbs/70_cli.ipynb #33631ec8
 def _cell(v, width=48):
@@ -197,6 +197,41 @@ def cmd_datasets_delete(args, ws):
     if _dataset(ws, args.id)['kind'] == 'image': from forgenb.data.image import delete_dataset
     else: from forgenb.data.text import delete_dataset
     delete_dataset(ws, args.id); _out(args, {'deleted': args.id}); return 0
+
+# %% ../nbs/70_cli.ipynb #a06b8dc7
+def _gb(n) -> str|None: return None if n is None else f'{n / 2**30:.2f} GB'
+
+def cmd_cache_list(args, ws):
+    from forgenb.data.image import cache_entries, cache_usage
+    es, use = cache_entries(ws), cache_usage(ws)
+    if args.json: _out(args, dict(usage=use, entries=es)); return 0
+    _out(args, [dict(key=e['key'], what=e['what'], dataset=e['dataset'], model=e['model'], resolution=e['resolution'],
+                     size=_gb(e['size']), last_used=_when(e['last_used']), in_use=e['in_use']) for e in es])
+    print(f"\n{use['n_entries']} entries, {_gb(use['size'])} in {use['path']}; limit: {_gb(use['limit']) or 'none'}"); return 0
+
+def cmd_cache_clear(args, ws):
+    from forgenb.data.image import clear_cache
+    if args.unused_days is not None and args.unused_days < 0:
+        raise InputError(f'--unused-days must be >= 0, got {args.unused_days}', field='--unused-days', value=args.unused_days)
+    r = clear_cache(ws, unused_days=args.unused_days, dataset=args.dataset, orphaned=args.orphaned)
+    if args.json: _out(args, r); return 0
+    print(f"removed {len(r['removed'])} entries ({_gb(r['freed'])})" + (f"; kept {len(r['in_use'])} in use by a job" if r['in_use'] else '')); return 0
+
+def cmd_cache_limit(args, ws):
+    from forgenb.data.image import cache_usage, set_cache_limit
+    n = set_cache_limit(ws, None if args.size.lower() == 'none' else args.size)
+    _out(args, dict(limit=n, size=cache_usage(ws)['size']) if args.json else f"limit: {_gb(n) or 'none'}; the cache holds {_gb(cache_usage(ws)['size'])}")
+    return 0
+
+def _cache_parsers(sub):
+    g = _group(sub, 'cache', "the image jobs' latent cache: list, clear, limit")
+    _sub(g, 'list', cmd_cache_list, 'cache entries (least recently used first) and the total')
+    _sub(g, 'clear', cmd_cache_clear, 'remove entries no job uses (all, or those the options pick)', [
+        (('--unused-days',), dict(type=float, metavar='N', help='only entries not used for N days')),
+        (('--dataset',), dict(help='only entries made from this dataset')),
+        (('--orphaned',), dict(action='store_true', help='only entries whose dataset was deleted'))])
+    _sub(g, 'limit', cmd_cache_limit, "cap the cache's size (least recently used entries go first)", [
+        (('size',), dict(help="a size like 20GB or 500MiB, or 'none'"))])
 
 # %% ../nbs/70_cli.ipynb #0bb66e5e
 def cmd_presets_list(args, ws):
@@ -712,7 +747,7 @@ def _server_parsers(sub):
     _sub(sub, 'attach', cmd_attach, "write a notebook that opens one job's live page", [
         (('job',), dict(help='job id')), (('--out',), dict(help='notebook to write (default JOB.ipynb)')), force])
 
-# %% ../nbs/70_cli.ipynb #c5bb8173
+# %% ../nbs/70_cli.ipynb #c8109f53
 def _parser():
     from forgenb import __version__
     p = argparse.ArgumentParser(prog='forgenb', description='LoRA fine-tuning from Jupyter: the command line.')
@@ -726,6 +761,7 @@ def _parser():
     _jobs_parsers(sub)
     _registry_parsers(sub)
     _server_parsers(sub)
+    _cache_parsers(sub)
     g = _group(sub, 'datasets', 'datasets, text and image: import, list, show, delete')
     _sub(g, 'import', cmd_datasets_import, 'import a text file (CSV, JSON, JSONL, Parquet) or an image folder as an immutable snapshot', [
         (('path',), dict(help='a text file, a folder of images with captions, or its metadata.jsonl / .csv')),

@@ -466,13 +466,10 @@ def scheduler_status(ws) -> dict:
 
 # %% ../nbs/30_jobs.ipynb #4370c10c
 def gpu_ids() -> list[str]:
-    "The GPUs jobs may use: those `$CUDA_VISIBLE_DEVICES` names, else every GPU NVML or `nvidia-smi` sees"
+    "The GPUs jobs may use: those `$CUDA_VISIBLE_DEVICES` names, else every GPU NVML sees (none without NVML)"
     if (v := os.environ.get('CUDA_VISIBLE_DEVICES')) is not None:
         return [g.strip() for g in v.split(',') if g.strip() and g.strip() != '-1']
-    if (devs := nvml_gpus(env={})) is not None: return [str(d['nvml_index']) for d in devs]
-    try: out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError): return []
-    return [str(i) for i, _ in enumerate(l for l in out.splitlines() if l.startswith('GPU '))]
+    return [str(d['nvml_index']) for d in nvml_gpus(env={}) or []]  # nvidia-smi reads the same library: no second way
 
 # %% ../nbs/30_jobs.ipynb #4c217555
 def _say(*a): print(time.strftime('%Y-%m-%d %H:%M:%S'), f'scheduler[{os.getpid()}]', *a, flush=True)
