@@ -342,7 +342,9 @@ def demo(ws:Workspace, train=True, progress='auto') -> dict:
     _say('\ntraining:')
     job = _train(spec, ws, progress=progress)
     loss = ws.ledger.metrics(job['id'], ['train/loss', 'valid/loss'])
-    for k,pts in loss.items(): _say(f'{k:>11}: ' + '  '.join(f'{v:.3f}@{s}' for s,v in pts[::max(1, len(pts)//8)] + pts[-1:]))
+    for k,pts in loss.items():
+        few = pts[::max(1, len(pts)//8)]
+        _say(f'{k:>11}: ' + '  '.join(f'{v:.3f}@{s}' for s,v in few + [p for p in pts[-1:] if p != few[-1]]))  # the last point once
     _say('\nsamples, before and after:'); _samples(ws, job['id'])
     s = _summary(ws, job)
     _say(f"\n{s['status']} at step {s['step']} in {s['seconds']} s")
