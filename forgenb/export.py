@@ -72,12 +72,11 @@ def probe_ids(tok) -> torch.Tensor:
 
 def _with_adapter(src, quantized=False) -> tuple:
     "`(PeftModel, tokenizer)` of `src`, with the base unquantized unless `quantized`"
-    from peft import PeftModel
-    from forgenb.recipes.llm import load_base
+    from forgenb.recipes.llm import load_adapter, load_base
     cfg = src['spec'].model if quantized else src['spec'].model.model_copy(update=dict(load_in=None))
     model, tok = load_base(cfg)
     if src['spec'].data.chat_template: tok.chat_template = src['spec'].data.chat_template
-    return PeftModel.from_pretrained(model, str(src['adapter'])).eval(), tok
+    return load_adapter(model, src['adapter']), tok
 
 def _tol(dtype) -> float: return 1e-4 if dtype == torch.float32 else 5e-2
 

@@ -230,11 +230,10 @@ def load(ws:Workspace, ref:str,
     spec = _spec(ws, v)
     if spec.kind != 'llm': return _load_other(spec, v, device)
     import torch
-    from peft import PeftModel
-    from forgenb.recipes.llm import load_base
+    from forgenb.recipes.llm import load_adapter, load_base
     model, tok = load_base(spec.model)
     if spec.data.chat_template: tok.chat_template = spec.data.chat_template
-    model = PeftModel.from_pretrained(model, v['path']).eval()
+    model = load_adapter(model, v['path'])
     model.config.use_cache = True
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() and not spec.model.load_in else None
     if device is not None: model.to(device)  # a quantized base is placed by bitsandbytes when loaded

@@ -29,10 +29,10 @@ from ..data.text import import_text, load_rows, split, tokenize_rows, default_da
 
 # %% auto #0
 __all__ = ['TARGETS', 'resolve_dtype', 'model_source', 'load_tokenizer', 'load_base', 'linear_names', 'default_targets',
-           'resolve_targets', 'lora_config', 'apply_lora', 'trainable_params', 'dataset_id', 'n_trainable', 'TextData',
-           'prepare_data', 'PadCollator', 'PackCollator', 'make_collator', 'sdpa_varlen', 'train_attention',
-           'chunked_ce', 'causal_lm_loss', 'generate', 'make_sample_fn', 'exact_match', 'use_grad_ckpt', 'n_steps',
-           'Setup', 'build', 'make_learner', 'adapter_state', 'save_adapter']
+           'resolve_targets', 'lora_config', 'apply_lora', 'load_adapter', 'trainable_params', 'dataset_id',
+           'n_trainable', 'TextData', 'prepare_data', 'PadCollator', 'PackCollator', 'make_collator', 'sdpa_varlen',
+           'train_attention', 'chunked_ce', 'causal_lm_loss', 'generate', 'make_sample_fn', 'exact_match',
+           'use_grad_ckpt', 'n_steps', 'Setup', 'build', 'make_learner', 'adapter_state', 'save_adapter']
 
 # %% ../../nbs/20_recipes.llm.ipynb #2ead93a3
 _DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
@@ -166,9 +166,18 @@ def apply_lora(model, cfg:LoraCfg, grad_ckpt=False) -> PeftModel:
     ckpt = dict(gradient_checkpointing_kwargs={'use_reentrant': False})
     if _quantized(model): model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt, **ckpt)
     elif grad_ckpt: model.gradient_checkpointing_enable(**ckpt)
-    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+    with _peft_quiet(): return get_peft_model(model, lcfg)
+
+@contextmanager
+def _peft_quiet():
+    "peft 0.21 reads a property transformers 5 deprecated, warning at every `PeftModel`: nothing a user can act on"
+    with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
-        return get_peft_model(model, lcfg)
+        yield
+
+def load_adapter(model, path) -> PeftModel:
+    "`model` with the PEFT adapter saved in folder `path`, for inference"
+    with _peft_quiet(): return PeftModel.from_pretrained(model, str(path)).eval()
 
 def trainable_params(model) -> dict:
     "Trainable and total parameters, and the trainable share in percent"
