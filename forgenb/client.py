@@ -181,6 +181,24 @@ def clone(self:Client, job_id, name=None, **overrides) -> dict: "A new job from 
 @patch
 def retry(self:Client, job_id) -> dict: "Run a finished job again as a new job"; return self.post(f'/jobs/{_q(job_id)}/retry', body={})
 
+# %% ../nbs/61_client.ipynb #d5255ab2
+@patch
+def cache(self:Client) -> dict: "The latent cache: `{usage, entries}`, entries least recently used first"; return self.get('/cache')
+
+@patch
+def clear_cache(self:Client, unused_days:float|None=None, # only entries not used for this many days
+                dataset:str|None=None, # only entries made from this dataset
+                orphaned:bool=False, # only entries whose dataset was deleted
+                keys:list[str]|None=None) -> dict: # only these entries
+    "Remove cache entries no job uses; `{removed, in_use, freed}` (`in_use`: the entries kept because a job uses them)"
+    body = dict(unused_days=unused_days, dataset=dataset, orphaned=orphaned or None, keys=None if keys is None else list(keys))
+    return self.post('/cache/clear', body={k: v for k, v in body.items() if v is not None})
+
+@patch
+def set_cache_limit(self:Client, limit:int|str|None) -> dict: # bytes, a size like '20GB', or None for no limit
+    "Cap the latent cache (evicting least recently used entries no job uses); `{limit, size}` in bytes"
+    return self.put('/cache/limit', body=dict(limit=limit))
+
 # %% ../nbs/61_client.ipynb #ae8e0336
 def _filename(r, default) -> str:
     cd = r.getheader('Content-Disposition') or ''

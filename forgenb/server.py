@@ -25,19 +25,20 @@ from .core import InputError, Workspace, safe_name
 
 # %% auto #0
 __all__ = ['PREFIX', 'ERRORS', 'ROUTES', 'ID', 'MAX_INT', 'PATH_PARAMS', 'VERSIONED', 'UPLOAD_SUFFIXES', 'ARCHIVE_SUFFIXES',
-           'PRESET_BODY', 'JOB_BODY', 'EXPORT_FORMATS', 'ERROR_SCHEMA', 'ApiError', 'input_error', 'error_body',
-           'jsonable', 'parse_json', 'inside', 'Op', 'api', 'Q', 'int_id', 'route_regex', 'path_params', 'run',
-           'run_slow', 'ApiHandler', 'handlers', 'versions', 'system_status', 'health', 'system', 'dataset_page',
-           'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes', 'extract_archive',
-           'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get', 'preset_save',
-           'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
+           'PRESET_BODY', 'JOB_BODY', 'EXPORT_FORMATS', 'CLEAR_BODY', 'LIMIT_BODY', 'ERROR_SCHEMA', 'ApiError',
+           'input_error', 'error_body', 'jsonable', 'parse_json', 'inside', 'Op', 'api', 'Q', 'int_id', 'route_regex',
+           'path_params', 'run', 'run_slow', 'ApiHandler', 'handlers', 'versions', 'system_status', 'health', 'system',
+           'dataset_page', 'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes',
+           'extract_archive', 'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get',
+           'preset_save', 'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
            'base_models_search', 'collection', 'collection_add', 'collection_remove', 'create', 'job_create',
            'jobs_list', 'jobs_current', 'jobs_past', 'jobs_statistics', 'job_page', 'job_get', 'job_metrics',
            'job_logs', 'job_events', 'job_delete', 'job_clone', 'job_retry', 'disposition', 'tar_members', 'send_file',
            'send_tar', 'send_path', 'job_checkpoints', 'checkpoint_download', 'adapter_download', 'job_samples',
            'sample_download', 'list_files', 'job_files', 'job_file', 'model_versions', 'models_list', 'model_register',
            'model_versions_list', 'model_version', 'model_activate', 'model_rollback', 'model_archive', 'model_export',
-           'model_exports', 'model_download', 'parse_cursor', 'sse', 'StreamState', 'poll', 'job_stream',
+           'model_exports', 'model_download', 'clear_args', 'limit_arg', 'cache_page', 'set_limit', 'cache_get',
+           'cache_clear', 'cache_set_limit', 'parse_cursor', 'sse', 'StreamState', 'poll', 'job_stream',
            'spec_components', 'openapi', 'openapi_doc', 'serve_argv', 'serve']
 
 # %% ../nbs/60_server.ipynb #70c26ad6
@@ -917,6 +918,61 @@ async def model_download(h, name, version):
     if fmt not in EXPORT_FORMATS: raise ApiError(422, f'"format" must be one of {", ".join(EXPORT_FORMATS)}', dict(field='format', value=fmt))
     rel = await run(_export_dir, h.ws, _ref(name, version), fmt)
     await send_path(h, h.ws.root, rel, f'{name}-v{int_id(version, "model version")}-{fmt}')
+
+# %% ../nbs/60_server.ipynb #ca09a300
+CLEAR_BODY = {'type': 'object', 'additionalProperties': False, 'properties': {
+    'unused_days': {'type': 'number', 'minimum': 0, 'description': 'only entries not used for this many days'},
+    'dataset': {'type': 'string', 'description': 'only entries made from this dataset id (or folder)'},
+    'orphaned': {'type': 'boolean', 'default': False, 'description': 'only entries whose dataset was deleted'},
+    'keys': {'type': 'array', 'items': {'type': 'string'}, 'description': 'only these entries'}}}
+LIMIT_BODY = {'type': 'object', 'required': ['limit'], 'additionalProperties': False, 'properties': {'limit': {
+    'description': "bytes, a size like '20GB' or '500MiB', or null for no limit", 'anyOf': [
+        {'type': 'integer', 'minimum': 0, 'maximum': MAX_INT}, {'type': 'string', 'maxLength': 32}, {'type': 'null'}]}}}
+
+def _bad_field(k, v, what): return ApiError(422, f'"{k}" must be {what}', dict(field=k, value=v))
+
+def clear_args(b:dict) -> dict:
+    "The `clear_cache` keyword arguments in request body `b`; 422 naming the field that is unknown or wrong"
+    if extra := sorted(set(b) - set(CLEAR_BODY['properties'])):
+        raise ApiError(422, f'unknown field {extra[0]!r}', dict(field=extra[0], hint=f'use {", ".join(CLEAR_BODY["properties"])}'))
+    b = {k: v for k, v in b.items() if v is not None}
+    d = b.get('unused_days', 0)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or (isinstance(d, float) and not math.isfinite(d)) or d < 0:
+        raise _bad_field('unused_days', d, 'a number of days >= 0')
+    if not isinstance(b.get('dataset', ''), str): raise _bad_field('dataset', b['dataset'], 'a dataset id')
+    if not isinstance(b.get('orphaned', False), bool): raise _bad_field('orphaned', b['orphaned'], 'true or false')
+    ks = b.get('keys', [])
+    if not isinstance(ks, list) or not all(isinstance(k, str) for k in ks): raise _bad_field('keys', ks, 'a list of entry keys')
+    return b
+
+def limit_arg(b:dict) -> int|str|None:
+    "The cache limit in request body `b` (bytes, a size string, or None); 422 naming `limit` when it cannot be one"
+    if 'limit' not in b: raise _bad_field('limit', None, 'given: bytes, a size like "20GB", or null for no limit')
+    v = b['limit']
+    if v is None or (isinstance(v, str) and len(v) <= 32) or (isinstance(v, int) and not isinstance(v, bool) and v <= MAX_INT): return v
+    raise _bad_field('limit', v, 'bytes, a size like "20GB", or null for no limit')
+
+def cache_page(ws) -> dict:
+    "The cache's usage (folder, entries, size, limit, in use) and its entries, least recently used first"
+    from forgenb.data.image import cache_entries, cache_usage
+    return dict(usage=cache_usage(ws), entries=cache_entries(ws))
+
+def set_limit(ws, limit) -> dict:
+    "Set the cache's limit (evicting at once); `{limit, size}` in bytes"
+    from forgenb.data.image import cache_usage, set_cache_limit
+    return dict(limit=set_cache_limit(ws, limit), size=cache_usage(ws)['size'])
+
+# %% ../nbs/60_server.ipynb #36f56f73
+@api('GET', '/cache', "The image jobs' latent cache: usage (size, limit, entries in use) and entries, least recently used first", 'cache')
+async def cache_get(h): return await run(cache_page, h.ws)
+
+@api('POST', '/cache/clear', 'Remove cache entries no job uses (all, or those the filters pick); entries in use are kept and listed', 'cache', body=CLEAR_BODY)
+async def cache_clear(h):
+    from forgenb.data.image import clear_cache
+    return await run_slow(clear_cache, h.ws, **clear_args(h.body(required=False)))
+
+@api('PUT', '/cache/limit', 'Cap the cache (bytes, "20GB", or null for none), evicting least recently used entries no job uses', 'cache', body=LIMIT_BODY)
+async def cache_set_limit(h): return await run_slow(set_limit, h.ws, limit_arg(h.body()))
 
 # %% ../nbs/60_server.ipynb #066e1574
 def parse_cursor(v) -> tuple[int, int, int|None]:

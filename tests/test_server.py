@@ -21,6 +21,10 @@ Through `forgenb.client.Client`:
   `previous`, rollback swaps them back, and a version downloads as its adapter;
 - a version exports as a merged model (201 with its manifest; again without overwrite is 409) that downloads
   as a tar whose weights equal the export's; an export not made yet is 404.
+- the image jobs' latent cache is listed (least recently used first, with its usage), cleared by dataset, key,
+  age and orphaned dataset — an entry a process holds is never removed and is reported under `in_use` — and
+  capped (bytes, a size string, none; the cap evicts nothing in use); a bad filter or size is 422 naming the
+  field and touches nothing, and without the token every cache route is 401.
 
 `jupyter_api` starts such a server; tests/test_server_security.py and tests/test_server_openapi.py use it too.
 """
@@ -269,3 +273,47 @@ def test_export_and_download(c, flow, tmp_path):
     assert d.name == 'api-model-v1-merged' and (d/'config.json').is_file() and _sha(d/'model.safetensors') == _sha(Path(m['path'])/'model.safetensors')
     with pytest.raises(ApiError) as e: c.download('/models/api-model/versions/1/download', tmp_path, query={'format': 'gguf'})
     assert e.value.status == 404  # not exported yet
+
+
+def test_cache_list_clear_limit(server, c):
+    from forgenb.core import Workspace
+    from forgenb.data.image import cache_lock, write_cache_entry
+    ws = Workspace(server.home)
+    for k, ds in (('latents-a', 'pics'), ('latents-b', 'pics'), ('latents-c', 'dogs'), ('text-d', 'dogs')):
+        write_cache_entry(ws, k, {'x.bin': b'0' * 1000}, what=k.split('-')[0], dataset=ds, model='tiny', resolution=64)
+    write_cache_entry(ws, 'latents-e', {'x.bin': b'0' * 1000}, what='latents', dataset='gone', dataset_hash='f' * 64, model='tiny', resolution=64)
+    got = c.cache()
+    assert [e['key'] for e in got['entries']] == ['latents-a', 'latents-b', 'latents-c', 'text-d', 'latents-e']
+    assert got['usage']['n_entries'] == 5 and got['usage']['size'] == sum(e['size'] for e in got['entries']) and got['usage']['limit'] is None
+    assert [e['key'] for e in c.clear_cache(orphaned=True)['removed']] == ['latents-e']
+    with cache_lock(ws, 'latents-a'):  # this process holds it, as a running job holds the entry it reads
+        assert c.cache()['usage']['in_use'] == 1
+        r = c.clear_cache(dataset='pics')
+    assert ([e['key'] for e in r['removed']], [e['key'] for e in r['in_use']], r['freed']) == (['latents-b'], ['latents-a'], r['removed'][0]['size'])
+    assert c.clear_cache(keys=['text-d'], unused_days=1) == {'removed': [], 'in_use': [], 'freed': 0}  # used just now
+    assert [e['key'] for e in c.clear_cache(keys=['text-d'])['removed']] == ['text-d']
+    with cache_lock(ws, 'latents-a'): lim = c.set_cache_limit(0)
+    left = c.cache()['entries']
+    assert [e['key'] for e in left] == ['latents-a'] and lim == {'limit': 0, 'size': left[0]['size']}
+    assert c.set_cache_limit('20GB')['limit'] == 20 * 10**9 and c.cache()['usage']['limit'] == 20 * 10**9
+    assert c.set_cache_limit(None)['limit'] is None and c.cache()['usage']['limit'] is None
+    bad = [('POST', '/cache/clear', {'unused_days': -1}, 'unused_days'), ('POST', '/cache/clear', {'unused_days': 'old'}, 'unused_days'),
+           ('POST', '/cache/clear', {'dataset': 3}, 'dataset'), ('POST', '/cache/clear', {'orphaned': 'yes'}, 'orphaned'),
+           ('POST', '/cache/clear', {'keys': 'latents-a'}, 'keys'), ('POST', '/cache/clear', {'unused_day': 30}, 'unused_day'),
+           ('PUT', '/cache/limit', {'limit': 'lots'}, 'limit'), ('PUT', '/cache/limit', {'limit': -5}, 'limit'),
+           ('PUT', '/cache/limit', {'limit': True}, 'limit'), ('PUT', '/cache/limit', {'limit': 10**30}, 'limit'), ('PUT', '/cache/limit', {}, 'limit')]
+    for method, path, body, field in bad:
+        with pytest.raises(ApiError) as e: c.request(method, path, body=body)
+        assert (e.value.status, e.value.error, e.value.detail['field']) == (422, 'invalid', field), (body, e.value)
+    assert [e['key'] for e in c.cache()['entries']] == ['latents-a'] and c.cache()['usage']['limit'] is None  # the refusals touched nothing
+    import http.client
+    conn = http.client.HTTPConnection(server.url.split('//')[1], timeout=10)
+    conn.request('PUT', '/forgenb/api/v1/cache/limit', body=b'{"limit": "lots"}', headers={'Authorization': f'token {server.token}', 'Content-Type': 'application/json'})
+    r = conn.getresponse(); raw = json.loads(r.read()); conn.close()
+    assert r.status == 422 and set(raw) == {'error', 'message', 'detail'} and raw['detail']['field'] == 'limit' and 'not a size' in raw['message']
+    for client in (server.client(token=''), server.client(token='wrong')):
+        for call in (client.cache, client.clear_cache, lambda: client.set_cache_limit(None)):
+            with pytest.raises(ApiError) as e: call()
+            assert (e.value.status, e.value.error) == (401, 'unauthorized')
+    assert [e['key'] for e in c.cache()['entries']] == ['latents-a']
+    assert [e['key'] for e in c.clear_cache()['removed']] == ['latents-a'] and c.cache()['entries'] == []
