@@ -26,7 +26,7 @@ Through `forgenb.client.Client`:
   capped (bytes, a size string, none; the cap evicts nothing in use); a bad filter or size is 422 naming the
   field and touches nothing, and without the token every cache route is 401.
 
-`jupyter_api` starts such a server; tests/test_server_security.py and tests/test_server_openapi.py use it too.
+`jupyter_api` starts such a server; tests/test_server_security.py (authentication, the OpenAPI fuzzer) uses it too.
 """
 import hashlib, io, json, os, secrets, socket, subprocess, tarfile, tempfile, time
 from contextlib import contextmanager

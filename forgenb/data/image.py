@@ -613,7 +613,9 @@ def parse_size(s) -> int:
     "Bytes of `s`: an int, or a string like '500MB', '20 GB', '1.5GiB'"
     m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*', str(s).lower())
     if isinstance(s, bool) or m is None: raise InputError(f'not a size: {s!r}', field='limit', value=str(s), hint="give bytes or a size like '20GB' or '500MiB'")
-    return int(float(m[1]) * _UNITS[m[2] or 'b'])
+    n = float(m[1]) * _UNITS[m[2] or 'b']
+    if not math.isfinite(n) or n >= 2**62: raise InputError(f'size {s!r} is too large', field='limit', value=str(s)[:40], hint="give a size like '20GB'")
+    return int(n)
 
 def _settings(ws) -> Path: return cache_root(ws)/'settings.json'
 
