@@ -177,3 +177,23 @@ def test_a_build_records_its_cache_entries_and_keeps_both_over_the_limit(ws, str
         D.build(_spec(ws.xl), ws)
         assert sorted(e['what'] for e in cache_entries(ws)) == ['latents', 'text']
     finally: set_cache_limit(ws, None)
+
+@pytest.mark.parametrize('arch', ['sd15', 'sdxl', 'flux'])
+def test_bf16_runs_the_gpu_dtype_path_and_resumes_exactly(ws, arch):
+    "bf16 on CPU is what a GPU job runs: frozen bf16 weights (the VAE fp32), fp32 adapters under autocast; SDXL trains its text encoders"
+    base = dict(sd15=ws.sd, sdxl=ws.xl, flux=ws.flux)[arch]
+    over = dict(model=dict(base=str(base), dtype='bf16'), train=dict(precision='bf16', max_steps=4), sample=dict(every=0),
+                diffusion=dict(train_text_encoder=arch == 'sdxl', sample_steps=2, **({'min_snr_gamma': None} if arch == 'flux' else {})))
+    s = D.build(_spec(base, **over), ws)
+    m = s.model
+    assert (m.denoiser.dtype, m.vae.dtype) == (torch.bfloat16, torch.float32)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert any(p.requires_grad for te in m.text_encoders for p in te.parameters()) == (arch == 'sdxl')
+    straight = train(_spec(base, **over), ws, progress='off')
+    stopped = train(_spec(base, **over), ws, progress='off', cbs=[StopAt(2)])
+    done = run_job(ws, stopped['id'], progress='off')
+    assert (straight['status'], done['status'], done['step']) == ('completed', 'completed', 4), (straight['error'], done['error'])
+    losses = _losses(ws, straight['id'])
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    assert _losses(ws, stopped['id']) == losses

@@ -39,7 +39,7 @@ __all__ = ['PIPELINES', 'UNET_TARGETS', 'UNET_ALL', 'FLUX_TARGETS', 'FLUX_ALL', 
            'make_learner', 'lora_layers', 'header', 'export_diffusers', 'read_header', 'to_peft', 'kohya_coverage',
            'export_kohya', 'save_adapter', 'export_lora']
 
-# %% ../../nbs/21_recipes.diffusion.ipynb #627180fe
+# %% ../../nbs/21_recipes.diffusion.ipynb #7defc236
 PIPELINES = dict(sd15='StableDiffusionPipeline', sdxl='StableDiffusionXLPipeline', flux='FluxPipeline')
 
 def _hub_arch(ref, revision=None) -> str|None:
@@ -90,12 +90,13 @@ def load_pipeline(cfg:ModelCfg, dtype=torch.float32):
     import diffusers
     src, arch = pipeline_source(cfg)
     try:
-        with _quiet(): pipe = getattr(diffusers, PIPELINES[arch]).from_pretrained(src, revision=cfg.revision, dtype=dtype)
+        with _quiet():
+            vae = diffusers.AutoencoderKL.from_pretrained(src, subfolder='vae', revision=cfg.revision, dtype=torch.float32)
+            pipe = getattr(diffusers, PIPELINES[arch]).from_pretrained(src, revision=cfg.revision, dtype=dtype, vae=vae)
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f'could not load the pipeline: {type(e).__name__}: {e}', field='model.base', value=src,
                          hint='a folder needs model_index.json and the subfolders save_pretrained() writes') from e
     pipe.set_progress_bar_config(disable=True)
-    if pipe.vae.dtype != torch.float32: pipe.vae.to(torch.float32)
     for m in text_encoders(pipe) + [denoiser(pipe), pipe.vae]: m.requires_grad_(False)
     pipe.arch = arch
     return pipe
@@ -422,7 +423,7 @@ def make_sample_fn(size=512, steps=25, guidance_scale=7.5):
     def sample_fn(model, prompts, seed=0): return generate(model, prompts, seed, size, steps, guidance_scale)
     return sample_fn
 
-# %% ../../nbs/21_recipes.diffusion.ipynb #e1de0dac
+# %% ../../nbs/21_recipes.diffusion.ipynb #59abdc89
 @dataclass
 class Setup:
     "Everything a `Learner` needs for one diffusion LoRA job, and the facts worth recording"
@@ -440,8 +441,7 @@ class Setup:
     pissa_init: dict|None = None   # always None (no PiSSA here); `forgenb.run` passes it to `save_adapter`
 
 def _dtype(spec) -> torch.dtype:
-    "The dtype of the frozen weights: fp32 on CPU, else `model.dtype` or the training precision"
-    if not torch.cuda.is_available(): return torch.float32
+    "The dtype of the frozen weights: `model.dtype`, else the training precision"
     return resolve_dtype(spec.model.dtype if spec.model.dtype != 'auto' else spec.train.precision)
 
 def _grad_ckpt(spec) -> bool: return spec.train.grad_ckpt is True or (spec.train.grad_ckpt == 'auto' and spec.data.resolution >= 1024)
@@ -486,7 +486,7 @@ def build(spec, ws:Workspace|None=None) -> Setup:
                  partial(make_scheduler, name=t.scheduler, n_steps=total, warmup=t.warmup),
                  make_sample_fn(d.resolution, dif.sample_steps, dif.guidance_scale), data, _facts(data, model, per_epoch, total))
 
-# %% ../../nbs/21_recipes.diffusion.ipynb #2d2a2803
+# %% ../../nbs/21_recipes.diffusion.ipynb #71267274
 class AdapterMetaCallback(Callback):
     "Keeps the step count in the adapter's metadata current, for the exports' headers"
     order = -5
@@ -496,7 +496,7 @@ class AdapterMetaCallback(Callback):
 def make_learner(setup:Setup, cbs=None, **kwargs) -> Learner:
     "A `Learner` for `setup` with callbacks `cbs`; `kwargs` override its other arguments"
     t = setup.spec.train
-    kw = dict(precision=t.precision if torch.cuda.is_available() else 'fp32', grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+    kw = dict(precision=t.precision, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
               max_steps=setup.facts['total_steps'], n_epochs=None if t.max_steps else math.ceil(t.epochs or 1), eval_every=None)
     return Learner(setup.model, setup.train_dl, setup.valid_dl, setup.loss_func, setup.opt, setup.sched,
                    [AdapterMetaCallback()] + list(cbs or []), **{**kw, **kwargs})
