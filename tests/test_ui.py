@@ -6,7 +6,8 @@ Pinned here, without a browser (tests/test_browser.py drives a real one):
 - two kernels attached to one job see the same points and status (no client keeps state of its own);
 - a resumed job writes the steps after its checkpoint again: a view attached before the resume
   converges to exactly what a fresh attach draws, at every poll, without reading the whole history again;
-- a view whose job has ended for good, once it has read everything, stops its timer and says so;
+- a view whose job has ended for good, once it has read everything, polls at the idle cadence (`IDLE_EVERY`, a third
+  of the reads) but never stops: a late metric still shows, and a resume from anywhere is followed;
 - a panel whose tick raises shows the error and does not stop the poller; a dropped panel leaves it;
 - a deleted job's page says so and offers no actions;
 - downsampling keeps at most `n` points, in step order, with the series' extremes;
@@ -152,22 +153,24 @@ def test_the_redo_window_reads_only_the_steps_since_the_checkpoint():
     assert 'USING INDEX events_job (job_id=? AND id>?)' in _plan(led, traced[0])
 
 
-def test_a_finished_jobs_view_stops_its_timer():
+def test_a_finished_jobs_view_polls_slowly_and_still_follows():
+    from forgenb.ui.panels import IDLE_EVERY
     ws = _ws(); ws.ledger.update_job('j', status='stopped', pid=None)
     v = attach('j', ws)
     try:
-        assert _wait(lambda: not v.following)
-        assert v not in POLLER._panels and v.status_text.endswith('finished: live updates stopped')
-        assert v.points()['loss']['train/loss'] == 5
+        assert _wait(lambda: v.loaded and getattr(v, '_idle_until', 0.) > 0)  # read everything, found nothing new: idle
+        assert v.following and v in POLLER._panels and v.points()['loss']['train/loss'] == 5
+        polls, poll = [], v.state.poll
+        v.state.poll = lambda: polls.append(1) or poll()
+        t0 = time.monotonic(); time.sleep(3 * IDLE_EVERY)
+        assert len(polls) <= (time.monotonic() - t0) / IDLE_EVERY + 1  # 0.25 s apart it would be 9
+        ws.ledger.add_metrics('j', [(99, 'train/loss', 0.5)])  # a late row (or a resume from elsewhere) still shows
+        assert _wait(lambda: v.points()['loss']['train/loss'] == 6)
+        v.stop()
+        assert v not in POLLER._panels and v.status_text.endswith('live updates stopped')
         v.on_action('resume', 'ok', 'resumed')  # a resume from its own buttons follows the job again
         assert v.following and v in POLLER._panels and 'stopped' not in v.status_text.split('·')[-1]
     finally: v.close()
-    ws = _ws(); ws.ledger.update_job('j', status='completed')  # its process (this one) is still there: exports, the log's last lines
-    w = attach('j', ws)
-    try:
-        assert _wait(lambda: w.loaded); time.sleep(0.6)
-        assert w.following and w in POLLER._panels
-    finally: w.close()
 
 
 class _Boom(Panel):

@@ -21,10 +21,10 @@ from ..presets import list_presets, get_preset
 from .charts import LiveChart
 
 # %% auto #0
-__all__ = ['POLLER', 'STATUS_COLORS', 'ACTIONS', 'ACTION_HELP', 'METRICS', 'IMAGE_SUFFIXES', 'CSS', 'Poller', 'Panel', 'badge',
-           'duration', 'eta', 'progress', 'allowed', 'act', 'ActionBar', 'JobState', 'JobView', 'is_image', 'thumbnail',
-           'attach', 'job_rows', 'jobs_html', 'JobsPanel', 'Field', 'JobForm', 'problems_html', 'dataset_rows',
-           'DatasetsPanel', 'problem_rows', 'image_grid_html', 'SystemPanel', 'Dashboard']
+__all__ = ['POLLER', 'STATUS_COLORS', 'ACTIONS', 'ACTION_HELP', 'METRICS', 'IDLE_EVERY', 'IMAGE_SUFFIXES', 'CSS', 'Poller',
+           'Panel', 'badge', 'duration', 'eta', 'progress', 'allowed', 'act', 'ActionBar', 'JobState', 'JobView',
+           'is_image', 'thumbnail', 'attach', 'job_rows', 'jobs_html', 'JobsPanel', 'Field', 'JobForm', 'problems_html',
+           'dataset_rows', 'DatasetsPanel', 'problem_rows', 'image_grid_html', 'SystemPanel', 'Dashboard']
 
 # %% ../../nbs/41_ui.panels.ipynb #32c4a78a
 class Poller:
@@ -319,6 +319,8 @@ def refresh(self:JobView, force=False):
     if r['checkpoints'] or force: self._show_checkpoints()
     return r
 
+IDLE_EVERY = 0.75  # seconds between the polls of a view whose finished job has nothing new
+
 def _quiet(r:dict) -> bool: return not (r.get('job') or r.get('metrics') or r.get('samples') or r.get('log') or r.get('checkpoints'))
 
 @patch
@@ -327,8 +329,10 @@ def tick(self:JobView):
     with self.lock:
         if not self.following: return
         if time.monotonic() - self._reconciled > 5: self._reconciled = time.monotonic(); jobs.reconcile(self.ws)
+        now = time.monotonic()
+        if now < getattr(self, '_idle_until', 0.): return
         r = self.refresh(force=not self.loaded)
-        if r and _quiet(r) and self.state.finished: self.stop()
+        self._idle_until = now + IDLE_EVERY if r and _quiet(r) and self.state.finished else 0.
 
 @patch
 def stop(self:JobView):
@@ -358,7 +362,7 @@ def status_text(self:JobView) -> str:
     if (e := eta(j, last.get('train/step_time'))) is not None: s += f' · ETA {duration(e)}'
     if 'train/loss' in last: s += f" · loss {last['train/loss']:.4g}"
     if 'valid/loss' in last: s += f" · valid {last['valid/loss']:.4g}"
-    return s + ('' if self.following else ' · finished: live updates stopped')
+    return s + ('' if self.following else ' · live updates stopped')
 
 @patch
 def _show_status(self:JobView):
