@@ -18,6 +18,7 @@ def _own_wide_fixture(item) -> bool:
 
 TORCHRUN = ('test_distributed.py', 'test_distributed_jobs.py', 'test_distributed_diffusion.py')
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         mod = item.getparent(pytest.Module)
