@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np, pytest, torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from forgenb.core import Workspace
-from forgenb.engine import Callback, preserve_rng
-from forgenb.test_utils import tiny_pipeline_dir, write_sample_images
+from forgenb.engine import preserve_rng
+from forgenb.test_utils import StopAt, tiny_pipeline_dir, write_sample_images
 from forgenb.data.image import import_images, cache_entries, set_cache_limit
 from forgenb.run import train, run_job
 from forgenb.recipes import diffusion as D
@@ -54,15 +54,6 @@ def test_training_lowers_the_loss(ws, arch):
     before = fixed()
     D.make_learner(s).fit()
     assert fixed() < 0.97 * before
-
-class StopAt(Callback):
-    "Sends a stop command at step `n` and has the job act on it at once"
-    order = 35
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.step == self.n:
-            self.learn.control.ledger.add_command(self.learn.control.job_id, 'stop')
-            self.learn.control.poll()
 
 @pytest.fixture(scope='module')
 def straight(ws): return train(_spec(ws.sd), ws, progress='off')

@@ -8,7 +8,7 @@ are finite, the loss on the training rows falls, and a job stopped at step 3 and
 run's losses (bit-equal: CPU kernels are deterministic) and adapter.
 """
 import pytest, torch
-from forgenb.engine import Callback
+from forgenb.test_utils import StopAt
 
 
 def _spec(ws, packing, **kw):
@@ -20,16 +20,6 @@ def _spec(ws, packing, **kw):
                                                   'sample.every': 0, 'sample.prompts': ['abc'], 'sample.max_new_tokens': 4,
                                                   'checkpoint.every': 0, 'data.packing': packing, 'data.max_seq_len': 64,
                                                   'data.dataset': str(write_sample_dataset(ws.root/'rows.jsonl', n=64)), **kw})
-
-
-class StopAt(Callback):
-    "Sends a stop command at step `n` and has the job act on it at once"
-    order = 35
-    def __init__(self, n): self.n = n
-    def after_step(self):
-        if self.step == self.n:
-            self.learn.control.ledger.add_command(self.learn.control.job_id, 'stop')
-            self.learn.control.poll()
 
 
 @pytest.mark.parametrize('packing', [False, True])
