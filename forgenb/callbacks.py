@@ -8,13 +8,12 @@ Docs: https://forgenb.github.io/forgenb/callbacks.html.md"""
 from __future__ import annotations
 import atexit, json, math, os, re, shutil, socket, sys, threading, time, uuid, warnings, weakref
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 import psutil, torch
 from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from . import __version__
-from .catalog import machine, nvml_gpus  # the library's one reader of the machine (no torch import there)
+from .catalog import machine, nvml_gpus, versions  # the library's one reader of the machine (no torch import there)
 from .core import InputError, CancelFitException, Workspace, atomic_dir, atomic_write, sha256_file
 from .engine import Callback, Learner, loading_whole, preserve_rng, rng_state, unshard_root, whole_trainable
 
@@ -648,17 +647,10 @@ class ResourceMonitor(Callback):
         self.sample()
 
 # %% ../nbs/11_callbacks.ipynb #e3ab78f4
-def _versions() -> dict:
-    v = dict(python=sys.version.split()[0], forgenb=__version__, torch=torch.__version__, cuda=torch.version.cuda)
-    for pkg in ('transformers', 'peft', 'accelerate', 'datasets'):
-        try: v[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError: v[pkg] = None
-    return v
-
 def system_snapshot(root=None, # the workspace root whose disk to report; default: `Workspace().root`
                     cpu_interval=0.1) -> dict: # seconds over which CPU use is measured
     "`catalog.machine` (CPU, memory, the workspace's disk, GPUs, with torch's fallback) and library versions, as plain data"
-    return machine(root or Workspace().root, cpu_interval, gpus=gpu_stats()) | dict(versions=_versions())
+    return machine(root or Workspace().root, cpu_interval, gpus=gpu_stats()) | dict(versions=versions())
 
 # %% ../nbs/11_callbacks.ipynb #8ba7995b
 _MODES = ('bar', 'lines', 'off')

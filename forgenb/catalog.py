@@ -6,16 +6,16 @@ Docs: https://forgenb.github.io/forgenb/catalog.html.md"""
 
 # %% ../nbs/00a_catalog.ipynb #ae88654c
 from __future__ import annotations
-import difflib, json, os, platform, re, shutil, socket, threading, time
+import difflib, json, os, platform, re, shutil, socket, sys, threading, time
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['CATALOG', 'GiB', 'PRECISION_BYTES', 'ACT_BYTES', 'NF4_BYTES', 'ADAPTER_BYTES', 'OVERHEAD', 'METHODS', 'BaseModel',
-           'hf_config', 'count_safetensors', 'closest_model', 'model_info', 'linear_layers', 'lora_params',
-           'estimate_memory', 'memory_table', 'nvml_gpus', 'available_memory', 'machine', 'check_model', 'add_model',
-           'remove_model', 'list_models', 'OfflineError', 'catalog_search', 'search_models']
+__all__ = ['CATALOG', 'GiB', 'PRECISION_BYTES', 'ACT_BYTES', 'NF4_BYTES', 'ADAPTER_BYTES', 'OVERHEAD', 'METHODS', 'VERSIONED',
+           'BaseModel', 'hf_config', 'count_safetensors', 'closest_model', 'model_info', 'linear_layers', 'lora_params',
+           'estimate_memory', 'memory_table', 'nvml_gpus', 'available_memory', 'machine', 'versions', 'check_model',
+           'add_model', 'remove_model', 'list_models', 'OfflineError', 'catalog_search', 'search_models']
 
 # %% ../nbs/00a_catalog.ipynb #c2ad5690
 @dataclass
@@ -432,6 +432,19 @@ def machine(path='.', # a folder on the disk to report (the workspace)
                 load=list(os.getloadavg()), ram_total_gb=vm.total / GiB, ram_used_gb=vm.used / GiB,
                 ram_available_gb=vm.available / GiB, ram_pct=vm.percent, disk=_disk(path),
                 gpus=(nvml_gpus(env) or []) if gpus is None else gpus)
+
+# %% ../nbs/00a_catalog.ipynb #ffd3177f
+VERSIONED = ('forgenb', 'torch', 'transformers', 'peft', 'accelerate', 'diffusers', 'datasets', 'jupyter_server', 'papermill')
+
+def versions() -> dict:
+    "Installed versions of the packages a result depends on (None: not installed), Python's, and CUDA's once torch is loaded"
+    from importlib import metadata
+    def v(p):
+        try: return metadata.version(p)
+        except metadata.PackageNotFoundError: return None
+    out = {p: v(p) for p in VERSIONED} | dict(python=platform.python_version())
+    if (torch := sys.modules.get('torch')) is not None: out['cuda'] = torch.version.cuda
+    return out
 
 # %% ../nbs/00a_catalog.ipynb #6fded96b
 _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'vocab.json', 'spiece.model', 'tokenizer_config.json')

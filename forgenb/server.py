@@ -6,11 +6,10 @@ Docs: https://forgenb.github.io/forgenb/server.html.md"""
 
 # %% ../nbs/60_server.ipynb #bd7e62a6
 from __future__ import annotations
-import asyncio, email.message, zipfile, http.client, json, math, mmap, os, platform, queue, re, shutil, socket, subprocess, sys, tarfile, threading, time, uuid
+import asyncio, email.message, zipfile, http.client, json, math, mmap, os, queue, re, shutil, socket, subprocess, sys, tarfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial, wraps
-from importlib import metadata
 from pathlib import Path
 from urllib.parse import quote
 from tornado import web
@@ -24,13 +23,13 @@ import forgenb.ledger  # noqa: F401 -- adds Workspace.ledger
 from .core import InputError, Workspace, safe_name
 
 # %% auto #0
-__all__ = ['PREFIX', 'ERRORS', 'ROUTES', 'ID', 'MAX_INT', 'PATH_PARAMS', 'VERSIONED', 'UPLOAD_SUFFIXES', 'ARCHIVE_SUFFIXES',
-           'PRESET_BODY', 'JOB_BODY', 'EXPORT_FORMATS', 'CLEAR_BODY', 'LIMIT_BODY', 'ERROR_SCHEMA', 'ApiError',
-           'input_error', 'error_body', 'jsonable', 'parse_json', 'inside', 'Op', 'api', 'Q', 'int_id', 'route_regex',
-           'path_params', 'run', 'run_slow', 'ApiHandler', 'handlers', 'versions', 'system_status', 'health', 'system',
-           'dataset_page', 'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes',
-           'extract_archive', 'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get',
-           'preset_save', 'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
+__all__ = ['PREFIX', 'ERRORS', 'ROUTES', 'ID', 'MAX_INT', 'PATH_PARAMS', 'UPLOAD_SUFFIXES', 'ARCHIVE_SUFFIXES', 'PRESET_BODY',
+           'JOB_BODY', 'EXPORT_FORMATS', 'CLEAR_BODY', 'LIMIT_BODY', 'ERROR_SCHEMA', 'ApiError', 'input_error',
+           'error_body', 'jsonable', 'parse_json', 'inside', 'Op', 'api', 'Q', 'int_id', 'route_regex', 'path_params',
+           'run', 'run_slow', 'ApiHandler', 'handlers', 'system_status', 'health', 'system', 'dataset_page',
+           'datasets_list', 'dataset_get', 'dataset_delete', 'multipart_parts', 'max_upload_bytes', 'extract_archive',
+           'import_upload', 'UploadHandler', 'dataset_upload', 'presets_list', 'preset_get', 'preset_save',
+           'preset_delete', 'spec_schema', 'validate_spec', 'search', 'add_base_model', 'base_models',
            'base_models_search', 'collection', 'collection_add', 'collection_remove', 'create', 'job_create',
            'jobs_list', 'jobs_current', 'jobs_past', 'jobs_statistics', 'job_page', 'job_get', 'job_metrics',
            'job_logs', 'job_events', 'job_delete', 'job_clone', 'job_retry', 'disposition', 'tar_members', 'send_file',
@@ -246,19 +245,10 @@ def handlers(base_url='/') -> list[tuple]:
     return out
 
 # %% ../nbs/60_server.ipynb #33a066ac
-VERSIONED = ('forgenb', 'torch', 'transformers', 'peft', 'accelerate', 'diffusers', 'datasets', 'jupyter_server', 'papermill')
-
-def versions() -> dict:
-    "Installed versions of the packages a result depends on (None: not installed)"
-    def v(p):
-        try: return metadata.version(p)
-        except metadata.PackageNotFoundError: return None
-    return {p: v(p) for p in VERSIONED} | dict(python=platform.python_version())
-
 def system_status(ws:Workspace) -> dict:
     "The machine (CPU, memory, disk, GPUs), current jobs, the scheduler and package versions"
     import forgenb.jobs as jobs
-    from forgenb.catalog import machine
+    from forgenb.catalog import machine, versions
     cur = [{k: j[k] for k in ('id', 'name', 'status', 'step', 'n_step', 'gpus')} for j in jobs.list_jobs(ws, 'current')]
     return dict(machine(ws.ensure().root), workspace=str(ws.root), jobs=dict(current=cur, stats=jobs.job_stats(ws)),
                 scheduler=jobs.scheduler_status(ws), versions=versions())
