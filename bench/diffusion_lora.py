@@ -58,7 +58,7 @@ from __future__ import annotations
 import argparse, json, os, platform, random, statistics, sys, tempfile, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from turns import Timer, machine, peak_mem_gb, rss_gb, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
+from turns import Timer, machine, peak_mem_gb, report, rss_gb, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
 
 ARMS = ('diffusers', 'forgenb', 'forgenb-fix')
 LR, WD, CLIP, SEED, TEXT_LEN = 1e-4, 1e-2, 1.0, 2, 77
@@ -328,14 +328,8 @@ def main(a):
             rows.append(x)
             print(f"round {r} {x['arm']}: {x['images_per_s']:.2f} images/s, {x['step_s']*1e3:.0f} ms/step, {x['peak_mem_gb']:.2f} GB, "
                   f"losses {[round(l, 5) for l in x['losses'][:3]]}", flush=True)
-    res = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv),
-               machine=_machine(), args=vars(a), unet_params=_unet_params(a.model), rows=rows, summary=summarize(rows, a.arms.split(',')))
-    res['machine']['load_before'] = load_before
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    stem = 'diffusion_lora_gpu' if a.gpu else 'diffusion_lora'
-    (out/f'{stem}.json').write_text(json.dumps(res, indent=1))
-    (out/f'{stem}.md').write_text(markdown(res))
-    print(markdown(res))
+    report(a.out, 'diffusion_lora_gpu' if a.gpu else 'diffusion_lora', _machine(), load_before, markdown, args=vars(a),
+           unet_params=_unet_params(a.model), rows=rows, summary=summarize(rows, a.arms.split(',')))
 
 
 

@@ -40,10 +40,9 @@ real tokens/s, over (a) the datasheet's dense bf16 peak and (b) a measured ceili
 matmuls on this device.
 """
 from __future__ import annotations
-import argparse, json, os, statistics, sys, tempfile, time
-from datetime import datetime, timezone
+import argparse, json, os, statistics, tempfile, time
 from pathlib import Path
-from turns import Timer, machine, peak_mem_gb, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
+from turns import Timer, machine, peak_mem_gb, report, start, take_turns, turn_fds  # the arms taking turns (bench/turns.py)
 
 ARMS = ('hf', 'forgenb')
 LR, WD, CLIP, LORA_R, SEED = 2e-4, 0.01, 1.0, 16, 0
@@ -249,15 +248,8 @@ def main(a):
                           f"{x['peak_mem_gb']:.2f} GB", flush=True)
     ceiling = matmul_tflops() if gpu else None
     peak = a.peak_tflops or (_peak_for(torch.cuda.get_device_name()) if gpu else None)
-    res = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv),
-               machine=_machine(), args=vars(a), ceiling_tflops=ceiling, peak_tflops=peak, rows=rows,
-               summary=summarize(rows, models, datasets, ceiling, peak))
-    res['machine']['load_before'] = load_before
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    stem = 'llm_lora_gpu' if a.gpu else 'llm_lora'
-    (out/f'{stem}.json').write_text(json.dumps(res, indent=1))
-    (out/f'{stem}.md').write_text(markdown(res))
-    print(markdown(res))
+    report(a.out, 'llm_lora_gpu' if a.gpu else 'llm_lora', _machine(), load_before, markdown, args=vars(a), ceiling_tflops=ceiling,
+           peak_tflops=peak, rows=rows, summary=summarize(rows, models, datasets, ceiling, peak))
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

@@ -78,3 +78,15 @@ def machine(*modules) -> dict:
              load_after=os.getloadavg())
     if torch.cuda.is_available(): m['gpu'] = torch.cuda.get_device_name()
     return m
+
+def report(out, stem:str, mach:dict, load_before, markdown, **fields) -> dict:
+    """The run's result (date, command, `mach` with the load average before, `fields`), written as `<stem>.json` and
+    `<stem>.md` (by `markdown(result)`) in folder `out`, and printed"""
+    from datetime import datetime, timezone
+    res = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv),
+               machine=dict(mach, load_before=load_before), **fields)
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    (out/f'{stem}.json').write_text(json.dumps(res, indent=1))
+    (out/f'{stem}.md').write_text(markdown(res))
+    print(markdown(res))
+    return res
