@@ -6,7 +6,7 @@ Docs: https://forgenb.github.io/forgenb/server.html.md"""
 
 # %% ../nbs/60_server.ipynb #bd7e62a6
 from __future__ import annotations
-import asyncio, email.message, zipfile, http.client, json, math, mmap, os, queue, re, shutil, socket, subprocess, sys, tarfile, threading, time, uuid
+import asyncio, email.message, zipfile, http.client, json, math, mmap, os, queue, re, shutil, subprocess, sys, tarfile, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial, wraps

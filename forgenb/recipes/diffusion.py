@@ -390,7 +390,7 @@ def _flow_loss(self:DiffusionLoRA, x0, noise, emb, pooled):
 
 def diffusion_loss(model, batch) -> tuple:
     "The model's mean loss on `batch`, and how many images it averages (the engine weights by them; 0 for a padding share)"
-    return model(**{k: v for k, v in batch.items() if k not in ('n_samples', 'n_tokens')}), batch['n_samples']
+    return model(**batch), batch['n_samples']  # `forward` reads the keys it needs and leaves the counts
 
 # %% ../../nbs/21_recipes.diffusion.ipynb #65c7ef35
 def shift_sigmas(sched, sigmas, image_seq_len, # latent tokens of the image: (latent h / 2) · (latent w / 2)
