@@ -13,7 +13,7 @@ import forgenb
 from .core import InputError, Workspace
 from .config import deep_merge, dump_spec, expand_dots, load_spec, spec_hash, validate
 from .catalog import nvml_gpus
-from .ledger import STATUSES, Ledger
+from .ledger import FINAL, STATUSES, Ledger  # FINAL: also read as jobs.FINAL (the UI, tests)
 
 # %% auto #0
 __all__ = ['CURRENT', 'PAST', 'ACTIVE', 'HOST', 'OOM_FIX', 'template_path', 'new_job_id', 'create_job', 'submit', 'n_processes',
